@@ -1,0 +1,116 @@
+"""Model benchmark (issue 3): sizes, sequence lengths, action-chunk latency with and without the
+prefix KV cache, training throughput, and the full 3B configuration's parameter count.
+
+    python bench.py                      # tiny 3-view config on this machine
+    python bench.py --full --device cuda # also time the paligemma-3b config in bf16 (needs a GPU)
+
+Timings are medians over repeats; compare ratios within one run, not across machines.
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from model import PoseVLA, attach_tokenizer, build_model, count_parameters, paligemma_3b_config
+from tokenizer import PoseBins
+
+
+def synthetic_bins(n_bins):
+    """Bins spanning a tabletop's range; the benchmark needs a vocabulary, not fitted statistics."""
+    rng = np.random.default_rng(0)
+    t = np.stack([rng.uniform(-1, 1, 4096), rng.uniform(-1, 1, 4096), rng.uniform(0.1, 3, 4096)], 1)
+    return PoseBins.fit(t, rng.uniform(0.01, 1.0, (4096, 3)), n_bins=n_bins)
+
+
+def random_batch(model, tok, B, label_len, device):
+    """A batch shaped like real 3-view training data (random pixels, a typical prompt)."""
+    cfg, S, V = model.cfg, model.cfg.image_size, model.cfg.n_views
+    prompt = tok(tok.bos_token + "put the red cube on the blue plate\n", add_special_tokens=False).input_ids
+    return {
+        "images": torch.rand(B, V, 3, S, S, device=device) * 2 - 1,
+        "view_mask": torch.ones(B, V, dtype=torch.bool, device=device),
+        "prompt_ids": torch.tensor([prompt] * B, device=device),
+        "prompt_mask": torch.ones(B, len(prompt), dtype=torch.bool, device=device),
+        "label_ids": torch.randint(0, len(tok), (B, label_len), device=device),
+        "label_mask": torch.ones(B, label_len, dtype=torch.bool, device=device),
+        "state": torch.randn(B, cfg.max_dim, device=device),
+        "actions": torch.randn(B, cfg.action_horizon, cfg.max_dim, device=device),
+        "is_pad": torch.zeros(B, cfg.action_horizon, dtype=torch.bool, device=device),
+    }
+
+
+def timed(fn, repeats, device):
+    times = []
+    for _ in range(repeats + 1):  # first call warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def bench_model(model, tok, args, device, dtype):
+    model.to(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    batch = random_batch(model, tok, 1, args.label_len, device)
+    n_prefix = model.cfg.n_views * (model.cfg.tokens_per_view + 2) + batch["prompt_ids"].shape[1]
+    print(f"  prefix tokens {n_prefix} (3 views x ({model.cfg.tokens_per_view}+2) + prompt), "
+          f"label tokens {args.label_len}, suffix tokens {1 + model.cfg.action_horizon}")
+    model.eval()
+    with autocast:
+        cached = timed(lambda: model.sample_actions(batch), args.repeats, device)
+        naive = timed(lambda: model.sample_actions(batch, use_cache=False), args.repeats, device)
+    print(f"  action chunk ({model.cfg.flow_steps} Euler steps): {1000 * cached:.1f} ms with prefix cache, "
+          f"{1000 * naive:.1f} ms without  -> {naive / cached:.1f}x")
+    model.train()
+    batch = random_batch(model, tok, args.batch_size, args.label_len, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        with autocast:
+            loss = model(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    dt = timed(step, args.repeats, device)
+    print(f"  train step at batch {args.batch_size}: {dt * 1000:.0f} ms -> {1 / dt:.2f} steps/s, "
+          f"{args.batch_size / dt:.1f} samples/s")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch for the throughput figure")
+    p.add_argument("--label-len", type=int, default=64, help="pose-text label tokens per sample")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    p.add_argument("--full", action="store_true", help="also allocate and time paligemma-3b (GPU, bf16)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    print("tiny config (3 views, fp32):")
+    model, tok = build_model("tiny", bins=synthetic_bins(256))
+    vlm = count_parameters(model.vlm)
+    print(f"  parameters: {count_parameters(model) / 1e6:.2f}M total = VLM {vlm / 1e6:.2f}M "
+          f"+ expert and heads {(count_parameters(model) - vlm) / 1e6:.2f}M")
+    bench_model(model, tok, args, device, torch.float32)
+
+    with torch.device("meta"):  # shapes only: no memory is allocated for 3B parameters
+        full = PoseVLA(paligemma_3b_config())
+    vlm = count_parameters(full.vlm)
+    print(f"paligemma-3b config: VLM {vlm / 1e9:.3f}B + expert and heads "
+          f"{(count_parameters(full) - vlm) / 1e9:.3f}B = {count_parameters(full) / 1e9:.3f}B parameters")
+    if args.full:
+        cfg = paligemma_3b_config()
+        attach_tokenizer(cfg, tok, synthetic_bins(256))  # marker ids from the tiny tokenizer (< 257k vocab)
+        full = PoseVLA(cfg).to(torch.bfloat16)
+        bench_model(full, tok, args, device, torch.bfloat16)
+
+
+if __name__ == "__main__":
+    main()

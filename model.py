@@ -1,0 +1,555 @@
+"""Pose-VLA model: PaliGemma + a pi0-style flow-matching action expert with joint attention.
+
+SPEC section 5 (paper Sec. III). Reading order:
+  1. PoseVLAConfig and its two presets (`tiny` for CPU/tests, `paligemma-3b` for the paper).
+  2. attention_mask(): who sees whom in [prefix | labels | state | actions].
+  3. joint_layer(): one transformer layer over two streams (VLM tokens, expert tokens) that compute
+     their own q/k/v, share ONE scaled_dot_product_attention, then apply their own o_proj/norms/MLP.
+  4. PoseVLA: embeds views (+ geometry priors, fusion.py) and text, runs the joint stack, and gives
+     - forward(): NTP loss on pose-tuple labels + flow-matching loss on actions,
+     - sample_actions(): 10 Euler steps, prefix keys/values computed once,
+     - generate(): greedy pose-text decoding with a KV cache.
+  5. build_model / save / load.
+
+The VLM is `transformers`' PaliGemmaForConditionalGeneration; we reuse its modules (SigLIP tower,
+projector, Gemma layers, tied LM head) but run the Gemma layers ourselves so the expert can join
+every layer's attention. With no expert tokens the computation is exactly PaliGemma's.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
+from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm, GemmaRotaryEmbedding
+
+from fusion import FusionConfig, GeometryFusion
+from tokenizer import PoseBins, build_tiny_tokenizer, extend_tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class PoseVLAConfig:
+    # The PaliGemma config as a plain dict (PaliGemmaConfig.to_dict()): the single source of truth
+    # for the VLM's shape, so a checkpoint rebuilds exactly the network it was trained with.
+    vlm: dict = field(default_factory=dict)
+    # Action expert: same depth/heads/head_dim as the Gemma decoder (joint attention needs that),
+    # a smaller width (pi0: 1024 next to Gemma's 2048) because actions carry far less information.
+    expert_width: int = 128
+    expert_mlp: int = 512
+    n_views: int = 3          # RoboTwin: head + two wrist cameras
+    max_dim: int = 32         # state/action vectors are zero-padded to this width (pi0)
+    action_horizon: int = 16  # RoboTwin recipe: chunk of 16
+    flow_steps: int = 10      # Euler steps at inference, dt = -1/flow_steps
+    use_rays: bool = True
+    use_depth: bool = True
+    prior_dropout: float = 0.5  # each prior dropped per sample: works with RGB only or any subset
+    # Token ids filled in by build_model from the text tokenizer.
+    image_start_ids: list = field(default_factory=list)  # <image{i}>
+    image_end_ids: list = field(default_factory=list)    # </image{i}>
+    bos_id: int = 0
+    eos_id: int = 1
+    pad_id: int = 0
+
+    @property
+    def text(self):
+        return self.vlm["text_config"]
+
+    @property
+    def vision(self):
+        return self.vlm["vision_config"]
+
+    @property
+    def image_size(self):
+        return self.vision["image_size"]
+
+    @property
+    def tokens_per_view(self):
+        return (self.vision["image_size"] // self.vision["patch_size"]) ** 2
+
+
+def paligemma_dict(image_size, patch, v_width, v_depth, v_heads, v_mlp,
+                   width, depth, heads, kv_heads, head_dim, mlp, vocab_size=257216, image_token=257152):
+    """A PaliGemma config dict from the handful of numbers that define its shape."""
+    vision = dict(model_type="siglip_vision_model", image_size=image_size, patch_size=patch,
+                  hidden_size=v_width, num_hidden_layers=v_depth, num_attention_heads=v_heads,
+                  intermediate_size=v_mlp, vision_use_head=False)
+    text = dict(model_type="gemma", hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=mlp,
+                vocab_size=vocab_size, hidden_act="gelu_pytorch_tanh")
+    return PaliGemmaConfig(vision_config=vision, text_config=text, projection_dim=width, hidden_size=width,
+                           vocab_size=vocab_size, image_token_index=image_token).to_dict()
+
+
+def tiny_config(**overrides):
+    """A few million parameters: 112 px views with patch 14 (64 tokens each), 4 Gemma layers."""
+    cfg = PoseVLAConfig(vlm=paligemma_dict(112, 14, 128, 2, 4, 512, 256, 4, 4, 1, 64, 1024),
+                        expert_width=128, expert_mlp=512)
+    return _override(cfg, overrides)
+
+
+def paligemma_3b_config(**overrides):
+    """google/paligemma-3b-pt-224: SigLIP So400m/14 at 224 px, Gemma 2B; pi0's 300M expert."""
+    cfg = PoseVLAConfig(vlm=paligemma_dict(224, 14, 1152, 27, 16, 4304, 2048, 18, 8, 1, 256, 16384),
+                        expert_width=1024, expert_mlp=4096)
+    return _override(cfg, overrides)
+
+
+CONFIGS = {"tiny": tiny_config, "paligemma-3b": paligemma_3b_config}
+
+
+def _override(cfg, overrides):
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown PoseVLAConfig field {k!r}")
+        setattr(cfg, k, v)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention mask (SPEC section 5)
+
+PREFIX, LABEL, STATE, ACTION = 0, 1, 2, 3
+
+
+def attention_mask(kinds, valid):
+    """Boolean (B, T, T) mask, True = query row may attend to key column.
+
+    kinds: (B, T) long in {PREFIX, LABEL, STATE, ACTION}; valid: (B, T) bool (False = padding).
+    - prefix (images + prompt) is bidirectional and sees only the prefix;
+    - labels are causal among themselves and see the whole prefix;
+    - the state token sees the prefix and itself; actions see prefix, state and all actions;
+    - the suffix never sees labels (at inference there are none), the prefix never sees the suffix.
+    Padding keys are never seen; a padding query sees itself only, so no softmax row is empty.
+    """
+    q, k = kinds[:, :, None], kinds[:, None, :]                                 # (B, T, 1), (B, 1, T)
+    T = kinds.shape[1]
+    idx = torch.arange(T, device=kinds.device)
+    causal = idx[None, :, None] >= idx[None, None, :]                          # (1, T, T)
+    allowed = k == PREFIX
+    allowed = allowed | ((q == LABEL) & (k == LABEL) & causal)
+    allowed = allowed | ((q >= STATE) & (k == STATE))
+    allowed = allowed | ((q == ACTION) & (k == ACTION))
+    allowed = allowed & valid[:, None, :] & valid[:, :, None]
+    return allowed | torch.eye(T, dtype=torch.bool, device=kinds.device)[None]
+
+
+# ----------------------------------------------------------------------------------------------
+# One joint layer
+
+def rope(x, cos, sin):
+    """Rotary embedding, Gemma's half-split layout. x: (B, H, T, hd); cos/sin: (B, T, hd)."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def joint_layer(layers, hiddens, cos, sin, mask, past_kv=None):
+    """Run one layer over several token streams that share a single attention.
+
+    layers: one GemmaDecoderLayer per stream; hiddens: per stream (B, T_s, W_s) or None (absent).
+    cos/sin: (B, T, hd) for the concatenated present tokens; mask: (B, T, T_past + T) bool.
+    past_kv: (k, v) each (B, KV, T_past, hd), already rotated (the cached prefix), or None.
+    Returns the new hiddens and this layer's (k, v) over past + present tokens.
+    """
+    qs, ks, vs, lens = [], [], [], []
+    for layer, h in zip(layers, hiddens):
+        if h is None:
+            continue
+        attn, (B, T, _) = layer.self_attn, h.shape
+        x = layer.input_layernorm(h)
+        qs.append(attn.q_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2))  # (B, H, T, hd)
+        ks.append(attn.k_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2))  # (B, KV, T, hd)
+        vs.append(attn.v_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2))
+        lens.append(T)
+    q = rope(torch.cat(qs, dim=2), cos, sin)
+    k = rope(torch.cat(ks, dim=2), cos, sin)
+    v = torch.cat(vs, dim=2)
+    if past_kv is not None:
+        k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)  # (B, H, T, hd)
+    out = out.transpose(1, 2).flatten(2)                                        # (B, T, H*hd)
+    outs, pieces = [], iter(out.split(lens, dim=1))
+    for layer, h in zip(layers, hiddens):
+        if h is None:
+            outs.append(None)
+            continue
+        h = h + layer.self_attn.o_proj(next(pieces))
+        outs.append(h + layer.mlp(layer.post_attention_layernorm(h)))
+    return outs, (k, v)
+
+
+def time_embedding(t, dim, min_period=4e-3, max_period=4.0):
+    """Sinusoidal embedding of the flow time t (B,) -> (B, dim), periods min_period..max_period."""
+    frac = torch.linspace(0.0, 1.0, dim // 2, device=t.device, dtype=torch.float64)
+    period = min_period * (max_period / min_period) ** frac
+    angle = (2 * math.pi / period)[None] * t.double()[:, None]                 # (B, dim/2)
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).to(t.dtype)
+
+
+def last_index(valid):
+    """Index of the last True per row of a (B, T) mask (missing views leave holes mid-sequence)."""
+    T = valid.shape[1]
+    return T - 1 - valid.flip(1).long().argmax(1)                               # (B,)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+class PoseVLA(nn.Module):
+    def __init__(self, cfg: PoseVLAConfig, vlm: PaliGemmaForConditionalGeneration | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vlm = vlm if vlm is not None else PaliGemmaForConditionalGeneration(PaliGemmaConfig(**cfg.vlm))
+        text = self.vlm.config.text_config
+        self.fusion = GeometryFusion(FusionConfig(
+            patch_size=cfg.vision["patch_size"], width=cfg.vision["hidden_size"],
+            use_rays=cfg.use_rays, use_depth=cfg.use_depth, dropout=cfg.prior_dropout))
+        # The expert is a Gemma stack of its own width, heads/head_dim shared with the VLM decoder.
+        expert_cfg = GemmaConfig(hidden_size=cfg.expert_width, intermediate_size=cfg.expert_mlp,
+                                 num_hidden_layers=text.num_hidden_layers,
+                                 num_attention_heads=text.num_attention_heads,
+                                 num_key_value_heads=text.num_key_value_heads, head_dim=text.head_dim,
+                                 hidden_act=text.hidden_act, rms_norm_eps=text.rms_norm_eps)
+        self.expert_layers = nn.ModuleList(GemmaDecoderLayer(expert_cfg, i) for i in range(text.num_hidden_layers))
+        self.expert_norm = GemmaRMSNorm(cfg.expert_width, eps=text.rms_norm_eps)
+        self._init_expert()
+        W = cfg.expert_width
+        self.state_proj = nn.Linear(cfg.max_dim, W)
+        self.action_in_proj = nn.Linear(cfg.max_dim, W)
+        self.action_time_mlp = nn.Sequential(nn.Linear(2 * W, W), nn.SiLU(), nn.Linear(W, W))
+        self.action_out_proj = nn.Linear(W, cfg.max_dim)
+        self.rotary = GemmaRotaryEmbedding(text)
+        self.grad_checkpointing = False
+
+    def _init_expert(self):
+        std = self.vlm.config.text_config.initializer_range
+        for m in self.expert_layers.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, GemmaRMSNorm):
+                nn.init.zeros_(m.weight)  # Gemma's RMSNorm scales by (1 + w): zero = identity
+
+    @property
+    def lm(self):
+        return self.vlm.model.language_model
+
+    # --- embedding -----------------------------------------------------------------------------
+    def embed_views(self, batch):
+        """Views -> (B, V*(P+2), W) token embeddings with <image_i> ... </image_i> around each view."""
+        images = batch["images"]                                                # (B, V, 3, S, S)
+        B, V = images.shape[:2]
+        feats = self.vlm.model.vision_tower(images.flatten(0, 1)).last_hidden_state  # (B*V, P, Dv)
+        feats = self.fusion(feats,
+                            batch["rays"].flatten(0, 1) if "rays" in batch else None,
+                            batch["depth"].flatten(0, 1) if "depth" in batch else None,
+                            batch["has_rays"].flatten() if "has_rays" in batch else None,
+                            batch["has_depth"].flatten() if "has_depth" in batch else None)
+        img = self.vlm.model.multi_modal_projector(feats).view(B, V, -1, self.lm.config.hidden_size)  # (B, V, P, W)
+        start = self.lm.embed_tokens(torch.tensor(self.cfg.image_start_ids[:V], device=images.device))  # (V, W)
+        end = self.lm.embed_tokens(torch.tensor(self.cfg.image_end_ids[:V], device=images.device))
+        tokens = torch.cat([start[None, :, None].expand(B, -1, -1, -1).to(img.dtype), img,
+                            end[None, :, None].expand(B, -1, -1, -1).to(img.dtype)], dim=2)  # (B, V, P+2, W)
+        valid = batch["view_mask"][:, :, None].expand(-1, -1, tokens.shape[2])  # (B, V, P+2)
+        return tokens.flatten(1, 2), valid.flatten(1, 2)
+
+    def embed_prefix(self, batch):
+        """Images then prompt: (B, Tp, W) embeddings and (B, Tp) validity."""
+        img, img_valid = self.embed_views(batch)
+        prompt = self.lm.embed_tokens(batch["prompt_ids"]).to(img.dtype)
+        return torch.cat([img, prompt], dim=1), torch.cat([img_valid, batch["prompt_mask"]], dim=1)
+
+    def embed_suffix(self, state, x_t, t):
+        """State token + H noisy-action tokens conditioned on flow time t: (B, 1+H, We)."""
+        s = self.state_proj(state)[:, None]                                     # (B, 1, We)
+        a = self.action_in_proj(x_t)                                            # (B, H, We)
+        te = time_embedding(t, self.cfg.expert_width).to(a.dtype)[:, None].expand_as(a)  # (B, H, We)
+        return torch.cat([s, self.action_time_mlp(torch.cat([a, te], dim=-1))], dim=1)
+
+    # --- the joint stack -----------------------------------------------------------------------
+    def run_layers(self, vlm_h, exp_h, positions, mask, past=None):
+        """All layers over the VLM stream and the expert stream. positions: (B, T_present).
+        past: per-layer cached (k, v) or None. Returns final hiddens and per-layer (k, v)."""
+        ref = vlm_h if vlm_h is not None else exp_h
+        cos, sin = self.rotary(ref, positions)
+        kvs = []
+        for i, (lv, le) in enumerate(zip(self.lm.layers, self.expert_layers)):
+            args = ((lv, le), (vlm_h, exp_h), cos, sin, mask, None if past is None else past[i])
+            if self.grad_checkpointing and self.training:
+                (vlm_h, exp_h), kv = torch.utils.checkpoint.checkpoint(joint_layer, *args, use_reentrant=False)
+            else:
+                (vlm_h, exp_h), kv = joint_layer(*args)
+            kvs.append(kv)
+        return vlm_h, exp_h, kvs
+
+    @staticmethod
+    def prefix_positions(valid):
+        return (torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)             # running count of real tokens
+
+    # --- training ------------------------------------------------------------------------------
+    def joint_forward(self, batch, suffix=None):
+        """One pass over [prefix | labels (if any) | suffix (if given)] with the SPEC mask.
+        suffix: (B, 1+H, We) expert tokens or None. Returns (vlm hiddens over prefix+labels,
+        expert hiddens or None, prefix validity)."""
+        prefix, p_valid = self.embed_prefix(batch)                              # (B, Tp, W)
+        B, dev = p_valid.shape[0], p_valid.device
+        n_prefix = p_valid.sum(1, keepdim=True)                                 # (B, 1)
+        streams, kinds = [prefix], [torch.full_like(p_valid, PREFIX, dtype=torch.long)]
+        valid, positions = [p_valid], [self.prefix_positions(p_valid)]
+        if batch.get("label_ids") is not None:
+            l_valid = batch["label_mask"]
+            streams.append(self.lm.embed_tokens(batch["label_ids"]).to(prefix.dtype))
+            kinds.append(torch.full_like(l_valid, LABEL, dtype=torch.long))
+            valid.append(l_valid)
+            positions.append(n_prefix + torch.cumsum(l_valid.long(), 1) - 1)
+        if suffix is not None:
+            Ts = suffix.shape[1]
+            kinds.append(torch.tensor([STATE] + [ACTION] * (Ts - 1), device=dev).expand(B, -1))
+            valid.append(torch.ones(B, Ts, dtype=torch.bool, device=dev))
+            # Suffix positions ignore the labels, exactly as at inference where there are none.
+            positions.append(n_prefix + torch.arange(Ts, device=dev)[None])
+        mask = attention_mask(torch.cat(kinds, 1), torch.cat(valid, 1))
+        vlm_h, exp_h, _ = self.run_layers(torch.cat(streams, 1), suffix, torch.cat(positions, 1), mask)
+        return vlm_h, exp_h, p_valid
+
+    def forward(self, batch, action_weight=1.0, noise=None, time=None):
+        """Losses for a batch. NTP on `label_ids` when present; flow matching when `actions` present.
+        loss = ntp + action_weight * flow (stage 2 uses 10, SPEC section 6).
+        Returns dict(loss, ntp_loss?, flow_loss?). noise/time may be given for reproducible tests."""
+        suffix = None
+        if "actions" in batch:
+            actions = batch["actions"]                                          # (B, H, D)
+            B = actions.shape[0]
+            if noise is None:
+                noise = torch.randn_like(actions)
+            if time is None:
+                beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
+                time = (0.999 * beta.sample((B,)) + 0.001).to(actions)           # (B,), t=1 is pure noise
+            x_t = time[:, None, None] * noise + (1 - time[:, None, None]) * actions
+            suffix = self.embed_suffix(batch["state"], x_t, time)               # (B, 1+H, We)
+        vlm_h, exp_h, p_valid = self.joint_forward(batch, suffix)
+        out, total = {}, 0.0
+        if batch.get("label_ids") is not None:
+            out["ntp_loss"] = self.ntp_loss(vlm_h, p_valid, batch["label_ids"], batch["label_mask"])
+            total = total + out["ntp_loss"]
+        if suffix is not None:
+            # All max_dim dims are regressed, as in pi0: padded dims carry x_t = t*eps, trivially predictable.
+            err = (self.velocity(exp_h).float() - (noise - actions).float()).pow(2).mean(-1)  # (B, H)
+            keep = ~batch["is_pad"] if "is_pad" in batch else torch.ones_like(err, dtype=torch.bool)
+            out["flow_loss"] = (err * keep).sum() / keep.sum().clamp(min=1)
+            total = total + action_weight * out["flow_loss"]
+        out["loss"] = total
+        return out
+
+    def velocity(self, exp_h):
+        """Expert hiddens (B, 1+H, We) -> predicted velocity (B, H, max_dim); token 0 is the state."""
+        return self.action_out_proj(self.expert_norm(exp_h[:, 1:]))
+
+    def ntp_loss(self, vlm_h, p_valid, label_ids, label_mask):
+        """Cross-entropy of each label token given everything before it. The first label is
+        predicted from the last real prefix token (prompts are right-padded)."""
+        Tp = p_valid.shape[1]
+        last = last_index(p_valid)                                              # (B,)
+        h_first = vlm_h[torch.arange(len(last)), last][:, None]                 # (B, 1, W)
+        h = torch.cat([h_first, vlm_h[:, Tp:-1]], dim=1)                        # (B, Tl, W)
+        logits = self.logits(h)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), label_ids.flatten(), reduction="none")
+        m = label_mask.flatten().float()
+        return (loss * m).sum() / m.sum().clamp(min=1)
+
+    def logits(self, h):
+        return self.vlm.lm_head(self.lm.norm(h))
+
+    # --- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prefix(self, batch):
+        """Prefix keys/values for every layer, computed once. Returns (kv list, valid, last hidden)."""
+        prefix, p_valid = self.embed_prefix(batch)
+        kinds = torch.full_like(p_valid, PREFIX, dtype=torch.long)
+        vlm_h, _, kvs = self.run_layers(prefix, None, self.prefix_positions(p_valid), attention_mask(kinds, p_valid))
+        return kvs, p_valid, vlm_h
+
+    @torch.no_grad()
+    def denoise_step(self, kvs, p_valid, state, x_t, t):
+        """Velocity v(x_t, t) with the cached prefix. x_t: (B, H, D); t: (B,)."""
+        suffix = self.embed_suffix(state, x_t, t)                               # (B, 1+H, We)
+        B, Ts = suffix.shape[:2]
+        kinds = torch.cat([torch.full_like(p_valid, PREFIX, dtype=torch.long),
+                           torch.tensor([STATE] + [ACTION] * (Ts - 1), device=x_t.device).expand(B, -1)], 1)
+        valid = torch.cat([p_valid, torch.ones(B, Ts, dtype=torch.bool, device=x_t.device)], 1)
+        mask = attention_mask(kinds, valid)[:, -Ts:]                            # (B, Ts, Tp+Ts)
+        positions = p_valid.sum(1, keepdim=True) + torch.arange(Ts, device=x_t.device)[None]
+        _, exp_h, _ = self.run_layers(None, suffix, positions, mask, past=kvs)
+        return self.velocity(exp_h)
+
+    @torch.no_grad()
+    def sample_actions(self, batch, noise=None, use_cache=True):
+        """Integrate the flow from noise (t=1) to actions (t=0): (B, H, max_dim).
+        use_cache=False recomputes the prefix at every step (the slow reference, for tests/bench)."""
+        B = batch["state"].shape[0]
+        x = noise if noise is not None else torch.randn(B, self.cfg.action_horizon, self.cfg.max_dim,
+                                                        device=batch["state"].device)
+        if use_cache:
+            kvs, p_valid, _ = self.encode_prefix(batch)
+        text_only = {k: v for k, v in batch.items() if k not in ("label_ids", "label_mask")}
+        dt = -1.0 / self.cfg.flow_steps
+        for i in range(self.cfg.flow_steps):
+            t = torch.full((B,), 1.0 + i * dt, device=x.device)
+            if use_cache:
+                v = self.denoise_step(kvs, p_valid, batch["state"], x, t)
+            else:
+                v = self.velocity(self.joint_forward(text_only, self.embed_suffix(batch["state"], x, t))[1])
+            x = x + dt * v
+        return x
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens=256):
+        """Greedy pose-text decoding with a KV cache. Returns (B, N) token ids, eos-padded."""
+        kvs, p_valid, vlm_h = self.encode_prefix(batch)
+        B = p_valid.shape[0]
+        next_tok = self.logits(vlm_h[torch.arange(B), last_index(p_valid)]).argmax(-1)  # (B,)
+        pos = p_valid.sum(1)                                                    # RoPE position of the next token
+        key_valid = p_valid
+        out, done = [], torch.zeros(B, dtype=torch.bool, device=p_valid.device)
+        for _ in range(max_new_tokens):
+            next_tok = torch.where(done, torch.full_like(next_tok, self.cfg.eos_id), next_tok)
+            out.append(next_tok)
+            done = done | (next_tok == self.cfg.eos_id)
+            if bool(done.all()):
+                break
+            h = self.lm.embed_tokens(next_tok[:, None])                         # (B, 1, W)
+            key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=h.device)], 1)
+            h, _, new = self.run_layers(h, None, pos[:, None], key_valid[:, None, :], past=kvs)
+            kvs = new
+            next_tok = self.logits(h[:, -1]).argmax(-1)
+            pos = pos + 1
+        return torch.stack(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building, saving, loading
+
+def attach_tokenizer(cfg, text_tokenizer, bins):
+    """Add the pose tokens to the text tokenizer and record the ids the model needs in cfg."""
+    extend_tokenizer(text_tokenizer, bins, cfg.n_views)
+    if "<image>" not in text_tokenizer.get_vocab():  # PaliGemma's image placeholder (tiny tokenizer lacks it)
+        text_tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+    ids = text_tokenizer.convert_tokens_to_ids
+    cfg.image_start_ids = [ids(f"<image{i}>") for i in range(cfg.n_views)]
+    cfg.image_end_ids = [ids(f"</image{i}>") for i in range(cfg.n_views)]
+    cfg.bos_id, cfg.eos_id = text_tokenizer.bos_token_id, text_tokenizer.eos_token_id
+    cfg.pad_id = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else cfg.eos_id
+    return text_tokenizer
+
+
+def grow_embeddings(vlm, n_tokens):
+    """Grow the (tied) token embedding to n_tokens rows; new rows = mean of the old ones."""
+    emb = vlm.get_input_embeddings()
+    old = emb.weight.shape[0]
+    if n_tokens <= old:
+        return
+    mean = emb.weight.detach().mean(0)
+    vlm.resize_token_embeddings(n_tokens, mean_resizing=False)
+    with torch.no_grad():
+        vlm.get_input_embeddings().weight[old:] = mean
+    vlm.config.text_config.vocab_size = vlm.config.vocab_size = n_tokens
+    if vlm.lm_head.weight.data_ptr() != vlm.get_input_embeddings().weight.data_ptr():
+        vlm.tie_weights()
+
+
+def build_model(config="tiny", bins=None, vlm_path=None, tokenizer_dir=None, **overrides):
+    """A fresh PoseVLA and its text tokenizer.
+
+    config: "tiny" | "paligemma-3b". vlm_path: a local PaliGemma directory (`save_pretrained`
+    layout): its config, weights and tokenizer are used. Without it, `tiny` builds an offline
+    tokenizer (tokenizer.py) and random weights; the full config needs a tokenizer directory.
+    bins: PoseBins defining the pose vocabulary (fitted from data, data.py).
+    """
+    if config not in CONFIGS:
+        raise ValueError(f"unknown config {config!r}; expected one of {sorted(CONFIGS)}")
+    if bins is None:
+        raise ValueError("build_model needs PoseBins (fit them from the training data: data.py fit-bins)")
+    cfg = CONFIGS[config](**overrides)
+    if vlm_path is not None:
+        if not os.path.isfile(os.path.join(vlm_path, "config.json")):
+            raise FileNotFoundError(f"{vlm_path}: no config.json; expected a PaliGemma directory written by save_pretrained")
+        vlm = PaliGemmaForConditionalGeneration.from_pretrained(vlm_path, dtype=torch.float32)
+        cfg.vlm = vlm.config.to_dict()
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir or vlm_path)
+    else:
+        vlm = None
+        if tokenizer_dir is not None:
+            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        elif config == "tiny":
+            tok = build_tiny_tokenizer()
+        else:
+            raise ValueError("the paligemma-3b config needs --vlm DIR (or a tokenizer directory): "
+                             "PaliGemma's tokenizer cannot be built offline")
+    attach_tokenizer(cfg, tok, bins)
+    if vlm is None:
+        n = max(len(tok), cfg.vlm["text_config"]["vocab_size"]) if config != "tiny" else len(tok)
+        cfg.vlm["text_config"]["vocab_size"] = cfg.vlm["vocab_size"] = n
+        if config == "tiny":
+            cfg.vlm["image_token_index"] = tok.convert_tokens_to_ids("<image>")
+        model = PoseVLA(cfg)
+    else:
+        grow_embeddings(vlm, len(tok))
+        cfg.vlm = vlm.config.to_dict()
+        model = PoseVLA(cfg, vlm)
+    return model, tok
+
+
+def save_checkpoint(path, model, text_tokenizer, bins, extra=None):
+    """Write weights (safetensors), config JSON, tokenizer and bin edges to `path` atomically:
+    everything goes to `path.tmp` first, then one rename."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "vlm.lm_head.weight"}
+    save_file(state, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(asdict(model.cfg), f, indent=1)
+    text_tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    bins.save(os.path.join(tmp, "bins.json"))
+    for name, obj in (extra or {}).items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=1)
+    if os.path.exists(path):
+        old = path.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Inverse of save_checkpoint: returns (model, text_tokenizer, bins)."""
+    for name in ("config.json", "model.safetensors", "bins.json", "tokenizer"):
+        if not os.path.exists(os.path.join(path, name)):
+            raise FileNotFoundError(f"{path}: missing {name}; not a Pose-VLA checkpoint directory")
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = PoseVLAConfig(**json.load(f))
+    model = PoseVLA(cfg)
+    state = load_file(os.path.join(path, "model.safetensors"), device=str(map_location))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "vlm.lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{path}/model.safetensors does not match config.json: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.vlm.tie_weights()
+    tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    return model, tok, PoseBins.load(os.path.join(path, "bins.json"))
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())

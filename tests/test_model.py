@@ -1,0 +1,235 @@
+"""model.py on the tiny configuration: mask, joint attention, PaliGemma equivalence, caches, I/O."""
+import numpy as np
+import pytest
+import torch
+from transformers import PaliGemmaForConditionalGeneration
+
+from model import (ACTION, LABEL, PREFIX, STATE, PoseVLA, attention_mask, build_model, count_parameters,
+                   last_index, load_checkpoint, paligemma_3b_config, save_checkpoint)
+from tokenizer import PoseBins, build_tiny_tokenizer
+
+
+def tiny_bins(n_bins=32):
+    rng = np.random.default_rng(0)
+    t = np.stack([rng.uniform(-0.5, 0.5, 500), rng.uniform(-0.5, 0.5, 500), rng.uniform(0.3, 2.0, 500)], 1)
+    return PoseBins.fit(t, rng.uniform(0.02, 0.3, (500, 3)), n_bins=n_bins)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, tok = build_model("tiny", bins=tiny_bins())
+    return model.eval(), tok
+
+
+def make_batch(model, tok, B=2, labels=("<image0>red cube</image0>", "<image0></image0>"), actions=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg, S, V = model.cfg, model.cfg.image_size, model.cfg.n_views
+    prompts = [tok(tok.bos_token + p + "\n", add_special_tokens=False).input_ids
+               for p in ["detect the red cube", "pick up the blue can please"][:B]]
+    Lp = max(map(len, prompts))
+    batch = {
+        "images": torch.rand(B, V, 3, S, S, generator=g) * 2 - 1,
+        "view_mask": torch.tensor([[True] * V, [True, True, False]][:B]),
+        "prompt_ids": torch.tensor([p + [cfg.pad_id] * (Lp - len(p)) for p in prompts]),
+        "prompt_mask": torch.tensor([[1] * len(p) + [0] * (Lp - len(p)) for p in prompts], dtype=torch.bool),
+    }
+    if labels:
+        ids = [tok(t, add_special_tokens=False).input_ids + [cfg.eos_id] for t in labels[:B]]
+        L = max(map(len, ids))
+        batch["label_ids"] = torch.tensor([i + [cfg.pad_id] * (L - len(i)) for i in ids])
+        batch["label_mask"] = torch.tensor([[1] * len(i) + [0] * (L - len(i)) for i in ids], dtype=torch.bool)
+    if actions:
+        H = cfg.action_horizon
+        batch["state"] = torch.randn(B, cfg.max_dim, generator=g)
+        batch["actions"] = torch.randn(B, H, cfg.max_dim, generator=g)
+        batch["is_pad"] = torch.zeros(B, H, dtype=torch.bool)
+        batch["is_pad"][1, H - 3:] = True
+    return batch
+
+
+def test_attention_mask_matches_hand_written():
+    # [img, img, prompt, pad | label, label | state | action, action]
+    kinds = torch.tensor([[PREFIX, PREFIX, PREFIX, PREFIX, LABEL, LABEL, STATE, ACTION, ACTION]])
+    valid = torch.tensor([[1, 1, 1, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor([
+        # i  i  p  _  l  l  s  a  a
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],  # image
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],  # image
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],  # prompt
+        [0, 0, 0, 1, 0, 0, 0, 0, 0],  # padding: only itself (keeps softmax finite)
+        [1, 1, 1, 0, 1, 0, 0, 0, 0],  # label 0: prefix + causal labels
+        [1, 1, 1, 0, 1, 1, 0, 0, 0],  # label 1
+        [1, 1, 1, 0, 0, 0, 1, 0, 0],  # state: prefix + itself, never labels
+        [1, 1, 1, 0, 0, 0, 1, 1, 1],  # action: prefix + state + all actions
+        [1, 1, 1, 0, 0, 0, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(attention_mask(kinds, valid)[0], expected)
+
+
+def test_prefix_blind_to_suffix_and_flow_blind_to_labels(tiny):
+    model, tok = tiny
+    batch = make_batch(model, tok)
+    noise, time = torch.randn_like(batch["actions"]), torch.tensor([0.3, 0.8])
+    base = model(batch, noise=noise, time=time)
+    other_labels = dict(batch, label_ids=torch.randint(5, 50, batch["label_ids"].shape))
+    assert torch.equal(model(other_labels, noise=noise, time=time)["flow_loss"], base["flow_loss"])
+    assert not torch.equal(model(other_labels, noise=noise, time=time)["ntp_loss"], base["ntp_loss"])
+    # prefix hidden states: identical whatever the suffix (other state, other actions)
+    other_suffix = dict(batch, state=torch.randn_like(batch["state"]), actions=torch.randn_like(batch["actions"]))
+    assert torch.equal(model(other_suffix, noise=noise, time=time)["ntp_loss"], base["ntp_loss"])
+    no_labels = {k: v for k, v in batch.items() if k not in ("label_ids", "label_mask")}
+    _, _, h_prefix_only = model.encode_prefix(no_labels)
+    for state, x in [(batch["state"], noise), (torch.randn_like(batch["state"]), torch.randn_like(noise))]:
+        h, _, _ = model.joint_forward(no_labels, model.embed_suffix(state, x, time))
+        torch.testing.assert_close(h, h_prefix_only, rtol=1e-6, atol=1e-6)
+
+
+def hf_inputs(model, tok, batch):
+    """The same sequence as PaliGemma's own input: <image> placeholders where our view tokens are."""
+    cfg, P = model.cfg, model.cfg.tokens_per_view
+    image_id = cfg.vlm["image_token_index"]
+    ids = []
+    for i in range(cfg.n_views):
+        ids += [cfg.image_start_ids[i]] + [image_id] * P + [cfg.image_end_ids[i]]
+    b = 0
+    n_prompt = int(batch["prompt_mask"][b].sum())
+    prompt = batch["prompt_ids"][b, :n_prompt].tolist()
+    labels = batch["label_ids"][b].tolist()
+    input_ids = torch.tensor([ids + prompt + labels])
+    token_type = torch.tensor([[0] * (len(ids) + len(prompt)) + [1] * len(labels)])
+    return input_ids, token_type
+
+
+def our_text_logits(model, batch):
+    """Logits at every image/prompt/label position with the expert out of the picture."""
+    return model.logits(model.joint_forward(batch)[0])
+
+
+def assert_matches_paligemma(model, tok, hf):
+    batch = make_batch(model, tok, B=1, actions=False)
+    input_ids, token_type = hf_inputs(model, tok, batch)
+    pixel_values = batch["images"][0]
+    with torch.no_grad():
+        ours = our_text_logits(model, batch)
+        # PaliGemma positions start at 1, ours at 0: RoPE is relative, so logits must agree anyway.
+        theirs = hf(input_ids=input_ids, pixel_values=pixel_values, token_type_ids=token_type).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_text_logits_equal_transformers_paligemma(tiny):
+    model, tok = tiny
+    hf = PaliGemmaForConditionalGeneration(model.vlm.config).eval()
+    hf.load_state_dict(model.vlm.state_dict())
+    assert_matches_paligemma(model, tok, hf)
+
+
+def test_vlm_directory_loads_with_identical_logits(tiny, tmp_path):
+    model, tok = tiny
+    vlm_dir = tmp_path / "paligemma"
+    model.vlm.save_pretrained(vlm_dir)
+    tok.save_pretrained(vlm_dir)
+    loaded, tok2 = build_model("tiny", bins=tiny_bins(), vlm_path=str(vlm_dir))
+    assert torch.equal(loaded.vlm.get_input_embeddings().weight, model.vlm.get_input_embeddings().weight)
+    assert loaded.vlm.lm_head.weight.data_ptr() == loaded.vlm.get_input_embeddings().weight.data_ptr()
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(vlm_dir).eval()
+    assert_matches_paligemma(loaded.eval(), tok2, hf)
+
+
+def test_new_token_rows_are_mean_initialised(tmp_path):
+    torch.manual_seed(0)
+    model, _ = build_model("tiny", bins=tiny_bins(16))
+    # A PaliGemma whose tokenizer lacks the pose tokens: loading it must grow the embedding.
+    vlm_dir = tmp_path / "plain"
+    base_tok = build_tiny_tokenizer()
+    cfg = model.vlm.config
+    cfg.text_config.vocab_size = cfg.vocab_size = len(base_tok)
+    hf = PaliGemmaForConditionalGeneration(cfg)
+    hf.save_pretrained(vlm_dir)
+    base_tok.save_pretrained(vlm_dir)
+    old = hf.get_input_embeddings().weight.detach().clone()
+    grown, tok2 = build_model("tiny", bins=tiny_bins(16), vlm_path=str(vlm_dir))
+    W = grown.vlm.get_input_embeddings().weight
+    assert W.shape[0] == len(tok2) > old.shape[0]
+    assert torch.equal(W[: old.shape[0]], old)
+    torch.testing.assert_close(W[old.shape[0]:], old.mean(0).expand(W.shape[0] - old.shape[0], -1))
+    assert grown.vlm.lm_head.weight.data_ptr() == W.data_ptr()
+
+
+def test_cached_sampling_equals_naive(tiny):
+    model, tok = tiny
+    batch = make_batch(model, tok, labels=None)
+    noise = torch.randn(2, model.cfg.action_horizon, model.cfg.max_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(model.sample_actions(batch, noise=noise), model.sample_actions(batch, noise=noise, use_cache=False),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_cached_generation_equals_naive_greedy(tiny):
+    model, tok = tiny
+    batch = make_batch(model, tok, labels=None, actions=False)
+    out = model.generate(batch, max_new_tokens=6)
+    for b in range(2):
+        one = {k: v[b:b + 1] for k, v in batch.items()}
+        seq = []
+        for _ in range(out.shape[1]):
+            one["label_ids"] = torch.tensor([seq + [0]])
+            one["label_mask"] = torch.ones(1, len(seq) + 1, dtype=torch.bool)
+            with torch.no_grad():
+                logits = our_text_logits(model, one)
+            p_valid = model.embed_prefix(one)[1]
+            # the next token comes from the last real token: the last prompt token, then the last label
+            h_idx = int(last_index(p_valid)[0]) if not seq else p_valid.shape[1] + len(seq) - 1
+            seq.append(int(logits[0, h_idx].argmax()))
+            if seq[-1] == model.cfg.eos_id:
+                break
+        assert out[b, :len(seq)].tolist() == seq
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model, tok = build_model("tiny", bins=tiny_bins())
+    batch = make_batch(model, tok, labels=("<image0>red cube<loc0010><loc0500>;</image0>", "<image1></image1>"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    noise = torch.randn_like(batch["actions"])
+    time = torch.tensor([0.5, 0.5])
+    first = model(batch, noise=noise, time=time)
+    for _ in range(150):
+        loss = model(batch, noise=noise, time=time)
+        opt.zero_grad()
+        loss["loss"].backward()
+        opt.step()
+    last = model(batch, noise=noise, time=time)
+    assert last["ntp_loss"] < 0.1 * first["ntp_loss"]
+    assert last["flow_loss"] < 0.1 * first["flow_loss"]
+
+
+def test_checkpoint_round_trip(tiny, tmp_path):
+    model, tok = tiny
+    bins = tiny_bins()
+    save_checkpoint(str(tmp_path / "ckpt"), model, tok, bins)
+    loaded, tok2, bins2 = load_checkpoint(str(tmp_path / "ckpt"))
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert tok2.get_vocab() == tok.get_vocab()
+    for kind in ("xy", "z", "size"):
+        assert np.array_equal(getattr(bins2, kind), getattr(bins, kind))
+    batch = make_batch(model, tok, labels=None)
+    noise = torch.randn(2, model.cfg.action_horizon, model.cfg.max_dim)
+    assert torch.equal(model.sample_actions(batch, noise), loaded.eval().sample_actions(batch, noise))
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_checkpoint(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown config"):
+        build_model("huge", bins=tiny_bins())
+
+
+def test_full_config_counts_without_allocating():
+    cfg = paligemma_3b_config()
+    with torch.device("meta"):
+        model = PoseVLA(cfg)
+    vlm, total = count_parameters(model.vlm), count_parameters(model)
+    assert 2.8e9 < vlm < 3.0e9
+    assert 0.25e9 < total - vlm < 0.35e9
