@@ -1,0 +1,630 @@
+"""Training samples for Pose-VLA: pseudo multi-view grounding, robot chunks, statistics, mixing.
+
+SPEC section 6 (training data), 3 (target text), 9/11 (formats, read in formats.py).
+  - GroundingDataset (pre-training stage 1): one item = one (image, class). The image becomes a
+    near-full "head" crop and two "wrist" crops, each letterboxed with its own K; the target lists
+    every instance of the class per view, or is a negative (10 %) for an absent class.
+  - RobotDataset (stage 2 and post-training): views at frame t, state, the next H actions at a
+    frame stride with is_pad, the instruction, and optionally the trajectory target (future
+    end-effector waypoints in each camera's frame).
+  - Stats (z-scoring, cached per dataset), MixtureSampler (weights ~ n^0.43), Collator (batch
+    dict for model.py), and the CLI: `show`, `fit-bins`, `bench`.
+Randomness is a pure function of (seed, epoch, index), so a resumed run sees the same samples.
+"""
+import argparse
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from formats import (LeRobotSource, RoboTwinSource, decode_depth_png, decode_image,
+                     detect_format, omni3d_files, read_bop, read_omni3d)
+from fusion import depth_prior, image_to_tensor, letterbox, ray_map
+from tokenizer import ObjectPose, PoseBins, PoseTokenizer, Waypoint, quat_to_matrix
+
+GROUNDING_FORMATS, ROBOT_FORMATS = ("omni3d", "bop"), ("lerobot", "robotwin")
+BAD_INPUT = (ValueError, FileNotFoundError, OSError)
+
+
+# ----------------------------------------------------------------------------- views
+@dataclass
+class ViewConfig:
+    head_scale: tuple = (0.9, 1.0)  # SPEC 6: near-full head crop (side length fraction)
+    wrist_scale: tuple = (0.25, 0.65)  # SPEC 6: smaller wrist crops
+    min_box_px: float = 10.0  # SPEC 6: box side >= 10 px, measured in source-image pixels
+    wrist_focus: float = 0.5  # [ours] wrist crops centre on a random instance with this probability,
+    # so close-ups usually show the queried object instead of empty table
+
+
+@dataclass
+class View:
+    """One letterboxed view plus what drawing/tests need: K (letterboxed), source crop box."""
+    lb: object  # fusion.Letterboxed
+    crop: tuple  # (x0, y0, x1, y1) in source pixels
+    objects: list  # list[ObjectPose] or list[Waypoint] in this view
+    has_K: bool = True  # False: intrinsics unknown, so no ray map
+
+
+def _crop(rng, W, H, scale, focus=None):
+    s = rng.uniform(*scale)
+    cw, ch = max(1, int(round(s * W))), max(1, int(round(s * H)))
+    if focus is None:
+        x0, y0 = rng.uniform(0, W - cw), rng.uniform(0, H - ch)
+    else:  # centre near the focus point, jittered by up to half the crop size
+        x0 = focus[0] - cw / 2 + rng.uniform(-0.5, 0.5) * cw
+        y0 = focus[1] - ch / 2 + rng.uniform(-0.5, 0.5) * ch
+    x0, y0 = int(round(np.clip(x0, 0, W - cw))), int(round(np.clip(y0, 0, H - ch)))
+    return x0, y0, x0 + cw, y0 + ch
+
+
+def _letterbox_crop(image, K, depth, crop, size):
+    x0, y0, x1, y1 = crop
+    Kc = np.array(K, dtype=np.float64)
+    Kc[0, 2] -= x0
+    Kc[1, 2] -= y0
+    d = None if depth is None else depth[y0:y1, x0:x1]
+    return letterbox(image[y0:y1, x0:x1], Kc, size, depth=d)
+
+
+def box_corners(t, R, size):
+    """(8, 3) corners of an oriented box in the camera frame."""
+    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float)
+    return (signs * np.asarray(size) / 2) @ np.asarray(R).T + np.asarray(t)
+
+
+def project(K, points):
+    """(N, 3) camera-frame points -> (N, 2) pixels."""
+    p = np.asarray(points) @ np.asarray(K).T
+    return p[:, :2] / p[:, 2:3]
+
+
+def _source_box(obj, K, W, H):
+    """The annotated 2D box, or the projected 3D box clipped to the image."""
+    if obj.box2d is not None:
+        return np.asarray(obj.box2d, float)
+    corners = box_corners(obj.t, obj.R, obj.size)
+    if np.any(corners[:, 2] <= 0):
+        return None
+    uv = project(K, corners)
+    return np.clip(np.r_[uv.min(0), uv.max(0)], 0, [W, H, W, H])
+
+
+def tensors(views, size):
+    """Per-view arrays of the sample format (images, rays, depth priors and their flags)."""
+    out = {"images": np.stack([image_to_tensor(v.lb.image) for v in views]),  # (V, 3, S, S)
+           "view_mask": np.ones(len(views), bool),
+           "rays": np.zeros((len(views), 3, size, size), np.float32), "has_rays": np.zeros(len(views), bool),
+           "depth": np.zeros((len(views), 2, size, size), np.float32), "has_depth": np.zeros(len(views), bool)}
+    for i, v in enumerate(views):
+        if v.has_K:
+            out["rays"][i], out["has_rays"][i] = ray_map(v.lb.K, v.lb.valid), True
+        if v.lb.depth is not None:
+            out["depth"][i] = depth_prior(v.lb.depth, v.lb.valid)
+            out["has_depth"][i] = bool(out["depth"][i, 1].any())
+    return out
+
+
+class _Resilient(torch.utils.data.Dataset):
+    """Shared epoch handling and opt-in skipping of unreadable samples (counted per process)."""
+    seed, epoch, skip_bad, n_skipped = 0, 0, False, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def rng(self, index):
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def __getitem__(self, index):
+        for k in range(len(self) if self.skip_bad else 1):
+            i = (index + k) % len(self)
+            try:
+                return self.item(i)
+            except BAD_INPUT as e:
+                if not self.skip_bad:
+                    raise
+                self.n_skipped += 1
+                warnings.warn(f"skipping sample {i}: {e}")
+        raise ValueError("every sample failed to load")
+
+
+# ----------------------------------------------------------------------------- grounding
+def load_scenes(path, split="train", names=None):
+    fmt = detect_format(path)
+    if fmt == "bop":
+        return read_bop(path, names=names, split=split)
+    if fmt == "omni3d":
+        return [im for f in omni3d_files(path, split) for im in read_omni3d(f)]
+    raise ValueError(f"{path}: format '{fmt}' has no 3D object annotations; grounding needs "
+                     f"one of {GROUNDING_FORMATS}")
+
+
+class GroundingDataset(_Resilient):
+    """Pseudo multi-view grounding samples (SPEC 6, pre-training stage 1)."""
+
+    def __init__(self, paths, pose_tokenizer, image_size, n_views=3, neg_frac=0.1, seed=0,
+                 split="train", names=None, views=ViewConfig(), skip_bad=False):
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        _check_tokenizer(pose_tokenizer, image_size)
+        self.tok, self.size, self.n_views, self.neg_frac = pose_tokenizer, int(image_size), n_views, neg_frac
+        self.seed, self.cfg, self.skip_bad = seed, views, skip_bad
+        self.scenes, self.samples, self.sizes = [], [], []
+        for p in paths:
+            scenes = load_scenes(p, split, names)
+            start = len(self.samples)
+            for im in scenes:
+                for name in sorted({_label(o.name) for o in im.objects}):
+                    self.samples.append((len(self.scenes), name))
+                self.scenes.append(im)
+            self.sizes.append(len(self.samples) - start)
+            if self.sizes[-1] == 0:
+                raise ValueError(f"{p}: no usable 3D annotations in split '{split}'")
+        self.classes = sorted({name for _, name in self.samples})
+
+    def __len__(self):
+        return len(self.samples)
+
+    def read(self, im):
+        image = decode_image(im.image_path, im.image_path)
+        depth = None
+        if im.depth_path is not None:
+            depth = decode_depth_png(im.depth_path, im.depth_path, im.depth_scale)
+            if depth.shape != image.shape[:2]:
+                raise ValueError(f"{im.depth_path}: depth is {depth.shape}; expected {image.shape[:2]}")
+        return image, depth
+
+    def build(self, index):
+        """(views, prompt, target) for one sample; views carry K and the listed ObjectPoses."""
+        rng = self.rng(index)
+        scene_idx, name = self.samples[index]
+        im = self.scenes[scene_idx]
+        image, depth = self.read(im)
+        H, W = image.shape[:2]
+        present = {_label(o.name) for o in im.objects}
+        negative = rng.random() < self.neg_frac and self._absent_class(rng, present)
+        mine = [o for o in im.objects if _label(o.name) == name]
+        views = []
+        for v in range(self.n_views):
+            if v == 0:
+                crop = _crop(rng, W, H, self.cfg.head_scale)
+            else:
+                focus = None
+                if rng.random() < self.cfg.wrist_focus:
+                    box = _source_box(mine[rng.integers(len(mine))], im.K, W, H)
+                    focus = None if box is None else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+                crop = _crop(rng, W, H, self.cfg.wrist_scale, focus)
+            lb = _letterbox_crop(image, im.K, depth, crop, self.size)
+            views.append(View(lb, crop, [] if negative else self._objects(mine, im.K, W, H, crop, lb)))
+        if negative:
+            return views, f"detect the {negative}", self.tok.encode_negative(negative, self.n_views)
+        return views, f"detect the {name}", self.tok.encode_objects([v.objects for v in views])
+
+    def _objects(self, objs, K, W, H, crop, lb):
+        x0, y0, x1, y1 = crop
+        out = []
+        for o in objs:
+            box = _source_box(o, K, W, H)
+            if box is None:
+                continue
+            b = np.clip(box - [x0, y0, x0, y0], 0, [x1 - x0, y1 - y0] * 2)
+            if min(b[2] - b[0], b[3] - b[1]) < self.cfg.min_box_px:
+                continue  # not visible in this crop, or too small to anchor
+            b = b * lb.scale + np.r_[lb.offset, lb.offset]
+            out.append(ObjectPose(_label(o.name), tuple(b), o.t, o.size, o.R))
+        return out
+
+    def _absent_class(self, rng, present):
+        words = {w for p in present for w in p.split()}
+        cands = [c for c in self.classes if not words & set(c.split())]
+        return str(cands[rng.integers(len(cands))]) if cands else None
+
+    def item(self, index):
+        views, prompt, target = self.build(index)
+        return {**tensors(views, self.size), "prompt": prompt, "target": target}
+
+
+def _check_tokenizer(tok, image_size):
+    if tok is None or tok.image_size != int(image_size):
+        raise ValueError(f"pose tokenizer image_size {getattr(tok, 'image_size', None)} must equal the "
+                         f"dataset image_size {image_size} (loc tokens are pixel / size)")
+
+
+def _label(name):
+    return " ".join(str(name).replace("_", " ").split())
+
+
+# ----------------------------------------------------------------------------- statistics
+@dataclass
+class Stats:
+    """Per-dimension mean, std, q01, q99 of state and action (lists of floats, JSON friendly)."""
+    state: dict
+    action: dict
+
+    @classmethod
+    def compute(cls, states, actions):
+        def one(x):
+            x = np.asarray(x, np.float64)
+            return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
+                    "q01": np.quantile(x, 0.01, axis=0).tolist(), "q99": np.quantile(x, 0.99, axis=0).tolist()}
+        return cls(one(states), one(actions))
+
+    def _ms(self, key, x, where):
+        s = getattr(self, key)
+        if np.shape(x)[-1] != len(s["mean"]):
+            raise ValueError(f"{where}: {key} has width {np.shape(x)[-1]}; the statistics expect "
+                             f"{len(s['mean'])}")
+        std = np.asarray(s["std"])
+        return np.asarray(s["mean"]), np.where(std < 1e-6, 1.0, std)  # constant dims stay unscaled
+
+    def normalize(self, x, key, where="normalize"):
+        mean, std = self._ms(key, x, where)
+        return ((np.asarray(x, np.float64) - mean) / std).astype(np.float32)
+
+    def unnormalize(self, x, key, where="unnormalize"):
+        mean, std = self._ms(key, x, where)
+        return (np.asarray(x, np.float64) * std + mean).astype(np.float32)
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump({"state": self.state, "action": self.action}, f)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            d = json.load(f)
+        if set(d) != {"state", "action"}:
+            raise ValueError(f"{path}: expected keys 'state' and 'action', got {sorted(d)}")
+        return cls(d["state"], d["action"])
+
+
+def source_stats(source, cache_dir=None):
+    """Stats of one robot dataset, cached as JSON keyed by a hash of its state/action values: next
+    to the data when that folder is writable, else in `cache_dir` (default ~/.cache/posevla)."""
+    states = np.concatenate([e.state for e in source.episodes])
+    actions = np.concatenate([e.action for e in source.episodes])
+    digest = hashlib.sha1(states.tobytes() + actions.tobytes()).hexdigest()[:16]
+    folder = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
+    if cache_dir is None and not os.access(folder, os.W_OK):
+        cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "posevla")
+    path = os.path.join(cache_dir or folder, f"posevla_stats_{digest}.json")
+    if os.path.exists(path):
+        return Stats.load(path)
+    stats = Stats.compute(states, actions)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    stats.save(path)
+    return stats
+
+
+# ----------------------------------------------------------------------------- robot samples
+def open_source(path):
+    fmt = detect_format(path)
+    if fmt not in ROBOT_FORMATS:
+        raise ValueError(f"{path}: format '{fmt}' holds no robot episodes; expected one of {ROBOT_FORMATS}")
+    return LeRobotSource(path) if fmt == "lerobot" else RoboTwinSource(path)
+
+
+@dataclass
+class TrajectoryConfig:
+    every: int = 10  # SPEC 3: every 10th action ...
+    count: int = 5  # ... of a ~50-step horizon: 5 waypoints per arm
+    tcp_offset: tuple = (0.0, 0.0, 0.0)  # added in the end-effector frame; RoboTwin's endpose is
+    # 0.12 m behind the TCP (SPEC 11); we keep the recorded point by default (= the action space)
+
+
+ARMS = (("left", slice(0, 3), slice(3, 7)), ("right", slice(8, 11), slice(11, 15)))  # ee16 layout
+
+
+class RobotDataset(_Resilient):
+    """Robot samples: views at frame t, state, the next `chunk` actions every `stride` frames
+    (is_pad past the episode end, padded with the last action), instruction prompt, and with
+    `trajectory=True` the stage-2 waypoint target. `stats`: None (raw values), a Stats applied to
+    every dataset, or "auto" (each dataset's own cached Stats)."""
+
+    def __init__(self, paths, image_size, chunk=16, stride=3, cameras=("head", "left_wrist", "right_wrist"),
+                 pose_tokenizer=None, trajectory=False, stats=None, traj=TrajectoryConfig(), seed=0,
+                 skip_bad=False, cache_dir=None):
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        if trajectory:
+            _check_tokenizer(pose_tokenizer, image_size)
+        self.size, self.chunk, self.stride, self.tok = int(image_size), chunk, stride, pose_tokenizer
+        self.trajectory, self.traj, self.seed, self.skip_bad = trajectory, traj, seed, skip_bad
+        self.sources = [open_source(p) for p in paths]
+        self.cameras = [[s.resolve_camera(c) for c in cameras] for s in self.sources]
+        self.stats = [source_stats(s, cache_dir) if stats == "auto" else stats for s in self.sources]
+        self.index, self.sizes = [], []
+        for si, s in enumerate(self.sources):
+            n = sum(len(e.state) for e in s.episodes)
+            self.index += [(si, ei, t) for ei, e in enumerate(s.episodes) for t in range(len(e.state))]
+            self.sizes.append(n)
+            if trajectory and s.ee16:
+                self._check_cameras(si)
+
+    def _check_cameras(self, si):
+        """Trajectory targets need both intrinsics and extrinsics of every view."""
+        s = self.sources[si]
+        for cam in self.cameras[si]:
+            f = s.frame(0, 0, cam, want_depth=False)
+            for name, value in (("intrinsics", f.K), ("extrinsics", f.cam2world)):
+                if value is None:
+                    raise ValueError(f"{s.path}: camera '{cam}' has no {name} (e.g. "
+                                     f"'observation.{name}.{cam}'); trajectory targets need them")
+
+    def __len__(self):
+        return len(self.index)
+
+    def build(self, index):
+        """(views, frames, prompt, target, state, actions, is_pad) for one sample."""
+        si, ei, t = self.index[index]
+        s, ep = self.sources[si], self.sources[si].episodes[ei]
+        frames = [s.frame(ei, t, cam) for cam in self.cameras[si]]
+        views = []
+        for f in frames:
+            K = f.K if f.K is not None else np.eye(3)
+            views.append(View(letterbox(f.image, K, self.size, depth=f.depth),
+                              (0, 0, f.image.shape[1], f.image.shape[0]), [], f.K is not None))
+        steps = t + self.stride * np.arange(self.chunk)
+        is_pad = steps >= len(ep.action)
+        actions = ep.action[np.minimum(steps, len(ep.action) - 1)]  # (H, Da)
+        tasks = ep.tasks or [""]
+        prompt = tasks[self.rng(index).integers(len(tasks))]
+        target = ""
+        if self.trajectory and s.ee16:
+            self._waypoints(ep.action, t, frames, views, self.cameras[si])
+            target = self.tok.encode_trajectory([v.objects for v in views])
+        return views, prompt, target, ep.state[t], actions, is_pad
+
+    def _waypoints(self, action, t, frames, views, cams):
+        """Future ee poses action[t + every*(k+1) - 1] (clamped at the end) in each camera frame."""
+        steps = np.minimum(t + self.traj.every * np.arange(1, self.traj.count + 1) - 1, len(action) - 1)
+        for f, v, cam in zip(frames, views, cams):
+            own = "left" if "left" in cam else "right" if "right" in cam else None
+            Rcw, tcw = f.cam2world[:3, :3], f.cam2world[:3, 3]
+            for arm, pos, quat in ARMS:
+                if own is not None and arm != own:
+                    continue
+                Rw = quat_to_matrix(action[steps, quat])  # (k, 3, 3)
+                pw = action[steps, pos] + Rw @ np.asarray(self.traj.tcp_offset, float)  # (k, 3)
+                pc = (pw - tcw) @ Rcw  # (k, 3) = Rcw^T (pw - tcw)
+                Rc = np.einsum("ji,kjl->kil", Rcw, Rw)  # Rcw^T @ Rw
+                uv = project(f.K, pc)
+                H, W = f.image.shape[:2]
+                if own is None and not (pc[0, 2] > 0 and 0 <= uv[0, 0] < W and 0 <= uv[0, 1] < H):
+                    continue  # head view lists an arm only if its first waypoint is in the image
+                uv = uv * v.lb.scale + np.asarray(v.lb.offset)
+                v.objects += [Waypoint(f"{arm} arm {k}", uv[k], pc[k], Rc[k]) for k in range(len(steps))]
+
+    def item(self, index):
+        views, prompt, target, state, actions, is_pad = self.build(index)
+        stats = self.stats[self.index[index][0]]
+        if stats is not None:
+            where = self.sources[self.index[index][0]].path
+            state, actions = stats.normalize(state, "state", where), stats.normalize(actions, "action", where)
+        return {**tensors(views, self.size), "prompt": prompt, "target": target,
+                "state": np.asarray(state, np.float32), "actions": np.asarray(actions, np.float32),
+                "is_pad": is_pad}
+
+
+def open_datasets(paths, kind=None, **kwargs):
+    """One dataset over all `paths` (formats detected); kind 'grounding' or 'robot' (default: from
+    the formats). `dataset.sizes` gives per-path sizes for the MixtureSampler."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    fmts = [detect_format(p) for p in paths]
+    kinds = {"grounding" if f in GROUNDING_FORMATS else "robot" for f in fmts}
+    kind = kind or (kinds.pop() if len(kinds) == 1 else None)
+    if kind not in ("grounding", "robot") or any(
+            (f in GROUNDING_FORMATS) != (kind == "grounding") for f in fmts):
+        raise ValueError(f"cannot mix formats {dict(zip(paths, fmts))} as kind={kind!r}; grounding "
+                         f"uses {GROUNDING_FORMATS}, robot uses {ROBOT_FORMATS}")
+    return (GroundingDataset if kind == "grounding" else RobotDataset)(paths, **kwargs)
+
+
+# ----------------------------------------------------------------------------- mixing
+def mixture_weights(sizes, alpha=0.43):
+    """SPEC 6: sampling probability of each dataset proportional to n^0.43."""
+    w = np.asarray(sizes, np.float64) ** alpha
+    return w / w.sum()
+
+
+class MixtureSampler(torch.utils.data.Sampler):
+    """Global indices into a dataset made of consecutive parts of `sizes`: each draw picks a part
+    by mixture_weights, then the next index of that part's own shuffled order (without replacement
+    until the part is exhausted). Deterministic per (seed, epoch); `state_dict` resumes mid-epoch."""
+
+    def __init__(self, sizes, num_samples=None, alpha=0.43, seed=0):
+        self.sizes, self.alpha, self.seed = list(sizes), alpha, seed
+        self.num_samples = int(num_samples or sum(self.sizes))
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def indices(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])
+        part = rng.choice(len(self.sizes), size=self.num_samples, p=mixture_weights(self.sizes, self.alpha))
+        offsets = np.cumsum([0] + self.sizes)
+        out = np.empty(self.num_samples, np.int64)
+        for p, n in enumerate(self.sizes):
+            where = np.flatnonzero(part == p)
+            order = np.concatenate([rng.permutation(n) for _ in range(-(-len(where) // n))] or [[]])
+            out[where] = offsets[p] + order[:len(where)].astype(np.int64)
+        return out
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        return iter(self.indices(self.epoch)[start:].tolist())
+
+    def __len__(self):
+        return self.num_samples
+
+    def state_dict(self, consumed):
+        return {"epoch": self.epoch, "start": int(consumed)}
+
+    def load_state_dict(self, d):
+        self.epoch, self.start = int(d["epoch"]), int(d["start"])
+
+
+# ----------------------------------------------------------------------------- collation
+class Collator:
+    """List of items -> batch dict for model.py. Prompt = <bos> + prompt + "\\n" (PaliGemma's
+    prefix format); label = target + <eos>; empty targets get an all-False label_mask."""
+
+    def __init__(self, text_tokenizer, max_dim=32):
+        self.tok, self.max_dim = text_tokenizer, max_dim
+        self.bos = [text_tokenizer.bos_token_id] if text_tokenizer.bos_token_id is not None else []
+        self.eos, self.pad = text_tokenizer.eos_token_id, text_tokenizer.pad_token_id or 0
+
+    def _ids(self, text):
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _pad(self, seqs):
+        ids = torch.full((len(seqs), max(1, max(map(len, seqs)))), self.pad, dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), True
+        return ids, mask
+
+    def _dim(self, x, key):
+        if x.shape[-1] > self.max_dim:
+            raise ValueError(f"Collator: {key} has width {x.shape[-1]} > max_dim {self.max_dim}")
+        return np.concatenate([x, np.zeros(x.shape[:-1] + (self.max_dim - x.shape[-1],), np.float32)], -1)
+
+    def __call__(self, items):
+        V = max(len(it["images"]) for it in items)
+        batch = {}
+        for key in ("images", "view_mask", "rays", "has_rays", "depth", "has_depth"):
+            arrs = [it[key] for it in items]
+            pad = [np.zeros((V - len(a),) + a.shape[1:], a.dtype) for a in arrs]
+            batch[key] = torch.from_numpy(np.stack([np.concatenate([a, p]) for a, p in zip(arrs, pad)]))
+        batch["prompt_ids"], batch["prompt_mask"] = self._pad([self.bos + self._ids(it["prompt"] + "\n")
+                                                               for it in items])
+        labels = [self._ids(it["target"]) + [self.eos] if it["target"] else [] for it in items]
+        batch["label_ids"], batch["label_mask"] = self._pad(labels)
+        if all("actions" in it for it in items):
+            batch["state"] = torch.from_numpy(np.stack([self._dim(it["state"], "state") for it in items]))
+            batch["actions"] = torch.from_numpy(np.stack([self._dim(it["actions"], "actions") for it in items]))
+            batch["is_pad"] = torch.from_numpy(np.stack([it["is_pad"] for it in items]))
+        return batch
+
+
+# ----------------------------------------------------------------------------- bins, drawing, CLI
+def fit_bins(paths, n_bins=2048, split="train", names=None):
+    """PoseBins from the training annotations: grounding objects (translations and sizes) and robot
+    end-effector positions seen from each camera at each episode's first frame (translations)."""
+    trans, sizes = [], []
+    for p in ([paths] if isinstance(paths, str) else paths):
+        if detect_format(p) in GROUNDING_FORMATS:
+            objs = [o for im in load_scenes(p, split, names) for o in im.objects]
+            trans += [o.t for o in objs]
+            sizes += [o.size for o in objs]
+            continue
+        src = open_source(p)
+        for ei, ep in enumerate(src.episodes):
+            for cam in src.cameras if src.ee16 else []:
+                T = src.frame(ei, 0, cam, want_depth=False).cam2world
+                if T is not None:
+                    pw = np.concatenate([ep.action[:, pos] for _, pos, _ in ARMS])  # (2T, 3)
+                    trans += list((pw - T[:3, 3]) @ T[:3, :3])
+    if not trans:
+        raise ValueError(f"{paths}: no object or end-effector poses to fit bins on")
+    return PoseBins.fit(np.array(trans), np.array(sizes) if sizes else None, n_bins=n_bins)
+
+
+def draw(views, target, size, text_width=110):
+    """PIL image: the views side by side (2x), 2D boxes (green), projected 3D boxes (yellow),
+    object/waypoint axes (x red, y green, z blue), and the target text underneath."""
+    import textwrap
+    from PIL import Image, ImageDraw
+    z = max(1, 256 // size)
+    lines = textwrap.wrap(target or "(no target)", text_width)
+    canvas = Image.new("RGB", (max(len(views) * size * z, 6 * text_width), size * z + 12 * len(lines) + 8))
+    pen = ImageDraw.Draw(canvas)
+    edges = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
+    for i, v in enumerate(views):
+        canvas.paste(Image.fromarray(v.lb.image).resize((size * z, size * z)), (i * size * z, 0))
+        P = lambda pts: [(float(x) * z + i * size * z, float(y) * z) for x, y in project(v.lb.K, pts)]
+        for o in v.objects:
+            t = np.asarray(o.t)
+            if t[2] <= 0:
+                continue
+            if isinstance(o, ObjectPose):
+                x1, y1, x2, y2 = (float(b) * z for b in o.box2d)
+                pen.rectangle([x1 + i * size * z, y1, x2 + i * size * z, y2], outline=(0, 255, 0))
+                corners = box_corners(t, o.R, o.size)
+                c = P(corners) if np.all(corners[:, 2] > 0) else []
+                for a, b in edges if c else []:
+                    pen.line([c[a], c[b]], fill=(255, 255, 0))
+                axis = 0.5 * float(np.max(o.size))
+            else:
+                axis = 0.05
+            ends = P(np.vstack([t, t + axis * np.asarray(o.R).T]))
+            for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 128, 255)]):
+                pen.line([ends[0], ends[k + 1]], fill=colour, width=2)
+    for k, line in enumerate(lines):
+        pen.text((4, size * z + 4 + 12 * k), line, fill=(255, 255, 255))
+    return canvas
+
+
+def pose_tokenizer_for(args):
+    bins = PoseBins.load(args.bins) if args.bins else fit_bins(args.data, n_bins=args.n_bins)
+    return PoseTokenizer(bins, args.image_size)
+
+
+def dataset_for(args):
+    tok = pose_tokenizer_for(args)
+    if detect_format(args.data[0]) in GROUNDING_FORMATS:
+        return open_datasets(args.data, "grounding", pose_tokenizer=tok, image_size=args.image_size,
+                             skip_bad=args.skip_bad)
+    return open_datasets(args.data, "robot", image_size=args.image_size, pose_tokenizer=tok,
+                         trajectory=True, stats="auto", skip_bad=args.skip_bad)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, text in (("show", "draw one sample's views and target text to a PNG"),
+                       ("fit-bins", "fit PoseBins (translation/size bin edges) and save them as JSON"),
+                       ("bench", "measure loading speed in samples/s with DataLoader workers")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--data", nargs="+", required=True, help="dataset path(s); format detected")
+        p.add_argument("--image-size", type=int, default=112, help="model image size (tiny: 112)")
+        p.add_argument("--n-bins", type=int, default=256, help="bins per pose quantity (full model: 2048)")
+        p.add_argument("--bins", default=None, help="bins JSON to use instead of fitting (show/bench)")
+        p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples and count them")
+        p.add_argument("--out", default=None, help="output file (show: PNG, fit-bins: JSON)")
+        p.add_argument("--index", type=int, default=0, help="show: sample index")
+        p.add_argument("--workers", type=int, default=2, help="bench: DataLoader workers")
+        p.add_argument("--batches", type=int, default=20, help="bench: timed batches (after one warm-up)")
+        p.add_argument("--batch-size", type=int, default=8, help="bench: batch size")
+    args = ap.parse_args(argv)
+    if args.cmd == "fit-bins":
+        bins = fit_bins(args.data, n_bins=args.n_bins)
+        bins.save(args.out or "bins.json")
+        print(f"wrote {args.out or 'bins.json'} ({bins.n_bins} bins)")
+        return
+    ds = dataset_for(args)
+    if args.cmd == "show":
+        views, prompt, target = ds.build(args.index)[:3]
+        out = args.out or "sample.png"
+        draw(views, f"{prompt} -> {target}", args.image_size).save(out)
+        print(f"wrote {out}: prompt {prompt!r}, {len(views)} views")
+        return
+    from tokenizer import build_tiny_tokenizer
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
+                                         sampler=MixtureSampler(ds.sizes, (args.batches + 1) * args.batch_size),
+                                         collate_fn=Collator(build_tiny_tokenizer()))
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        next(it)
+    rate = args.batches * args.batch_size / (time.perf_counter() - start)
+    print(f"{type(ds).__name__}: {rate:.1f} samples/s ({args.workers} workers, batch {args.batch_size}, "
+          f"{ds.n_views if hasattr(ds, 'n_views') else len(ds.cameras[0])} views, {args.image_size} px)")
+
+
+if __name__ == "__main__":
+    main()

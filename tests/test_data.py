@@ -1,0 +1,267 @@
+"""Samples (data.py): pseudo multi-view grounding, robot chunks and waypoints, stats, mixing,
+collation, DataLoader workers, skipping bad samples and the CLI. Fixtures from test_formats.py."""
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_formats import (CAM_POSES, CAMS, KV, corners, ee16, look_at, proj_box, robotwin_frame,  # noqa: E402
+                          write_bop, write_lerobot, write_omni3d, write_robotwin)
+
+import data  # noqa: E402
+from data import (Collator, GroundingDataset, MixtureSampler, RobotDataset, Stats, TrajectoryConfig,  # noqa: E402
+                  fit_bins, mixture_weights, open_datasets)
+from tokenizer import PoseBins, PoseTokenizer, build_tiny_tokenizer, extend_tokenizer, quat_to_matrix  # noqa: E402
+
+S = 112
+
+
+@pytest.fixture
+def omni(tmp_path):
+    return write_omni3d(str(tmp_path / "omni"))
+
+
+def tokenizer_for(path, size=S):
+    return PoseTokenizer(fit_bins(path, n_bins=32), size)
+
+
+def test_grounding_views_reproject_and_targets(omni):
+    tok = tokenizer_for(omni)
+    ds = GroundingDataset(omni, tok, S, neg_frac=0.0, seed=3)
+    assert len(ds) == 3 and ds.classes == ["blue bowl", "green ball", "red cube"]  # underscores -> spaces
+    listed = np.zeros(3, int)
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            views, prompt, target = ds.build(i)
+            name = ds.samples[i][1]
+            assert prompt == f"detect the {name}" and target == tok.encode_objects([v.objects for v in views])
+            for k, v in enumerate(views):
+                x0, y0, x1, y1 = v.crop
+                lo = np.array(v.lb.offset)
+                hi = lo + v.lb.scale * np.array([x1 - x0, y1 - y0])
+                for o in v.objects:  # the view's K reprojects the 3D corners onto the view's 2D box
+                    assert o.name == name
+                    box = proj_box(v.lb.K, corners(o.t, o.R, o.size), 1e9, 1e9)
+                    np.testing.assert_allclose(o.box2d, np.clip(box, np.r_[lo, lo], np.r_[hi, hi]), atol=1e-6)
+                listed[k] += len(v.objects)
+    assert np.all(listed > 0)  # instances appear in the head and in both wrist views
+    head = ds.build(ds.samples.index((0, "red cube")))[0][0]  # both instances in the near-full head view
+    assert sorted(o.t[2] for o in head.objects) == [1.0, 1.5]
+    item = ds[0]
+    assert item["images"].shape == (3, 3, S, S) and item["images"].dtype == np.float32
+    assert item["has_rays"].all() and item["has_depth"].all()
+    d, m = item["depth"][0]
+    assert np.allclose(d[m > 0], 1.5) and 0 < m.mean() < 1  # 1.5 m; letterbox padding invalid
+
+
+def test_grounding_negatives_and_determinism(omni):
+    tok = tokenizer_for(omni)
+    ds = GroundingDataset(omni, tok, S, neg_frac=1.0, seed=0)
+    i = [k for k, (_, n) in enumerate(ds.samples) if n == "red cube"][0]
+    views, prompt, target = ds.build(i)  # image holds red cube + blue bowl: only green ball shares no word
+    assert prompt == "detect the green ball" and target == tok.encode_negative("green ball", 3)
+    ds = GroundingDataset(omni, tok, S, seed=5)
+    a, b = ds[1], ds[1]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    crops = [v.crop for v in ds.build(1)[0]]
+    again = GroundingDataset(omni, tok, S, seed=5)
+    assert [v.crop for v in again.build(1)[0]] == crops
+    again.set_epoch(1)
+    assert [v.crop for v in again.build(1)[0]] != crops
+    with pytest.raises(ValueError, match="image_size 64 must equal the dataset image_size 112"):
+        GroundingDataset(omni, tokenizer_for(omni, 64), S)
+
+
+def test_grounding_bop(tmp_path):
+    root, _ = write_bop(str(tmp_path / "bop"))
+    ds = GroundingDataset(root, tokenizer_for(root), S, neg_frac=0.0)
+    views, prompt, _ = ds.build(0)
+    assert prompt == "detect the power drill" and len(views[0].objects) == 1
+    d, m = ds[0]["depth"][0]
+    assert np.allclose(d[m > 0], 0.9)
+
+
+def test_grounding_skip_bad(omni):
+    open(os.path.join(os.path.dirname(omni), "images", "000001.png"), "wb").write(b"\x89PNG broken")
+    ds = GroundingDataset(omni, tokenizer_for(omni), S)
+    bad = [k for k, (s, _) in enumerate(ds.samples) if s == 1][0]
+    with pytest.raises(ValueError, match=r"images/000001.png: cannot decode image"):
+        ds[bad]
+    ds = GroundingDataset(omni, tokenizer_for(omni), S, skip_bad=True)
+    with pytest.warns(UserWarning, match="000001.png"):
+        item = ds[bad]
+    assert ds.n_skipped == 1 and item["images"].shape[0] == 3
+    os.remove(os.path.join(os.path.dirname(omni), "images", "000000_depth.png"))
+    with pytest.raises(FileNotFoundError, match=r"images/000000_depth.png: file not found"):
+        ds.read(ds.scenes[0])
+
+
+@pytest.fixture
+def lerobot(tmp_path):
+    return write_lerobot(str(tmp_path / "lr"), "v3.0", "image", lengths=(12, 5), extras=True)
+
+
+def test_robot_chunk_padding_and_waypoints(lerobot):
+    tok = PoseTokenizer(PoseBins.fit(np.random.default_rng(0).normal(size=(50, 3))), 64)
+    traj = TrajectoryConfig(every=2, count=3)
+    ds = RobotDataset(lerobot, 64, chunk=4, stride=3, pose_tokenizer=tok, trajectory=True, traj=traj)
+    i = ds.index.index((0, 0, 7))
+    views, prompt, target, state, actions, is_pad = ds.build(i)
+    acts = np.stack([ee16(0, t + 1) for t in range(12)])
+    np.testing.assert_allclose(state, ee16(0, 7), atol=1e-6)
+    np.testing.assert_allclose(actions, acts[[7, 10, 11, 11]], atol=1e-6)  # padded with the last action
+    assert is_pad.tolist() == [False, False, True, True] and prompt == "pick up the red cube"
+    steps = [8, 10, 11]  # t + every*(k+1) - 1, clamped to the episode end
+    for v, cam in zip(views, CAMS):
+        R, c = CAM_POSES[cam][:3, :3], CAM_POSES[cam][:3, 3]
+        expected = []
+        for arm, pos, quat in (("left", slice(0, 3), slice(3, 7)), ("right", slice(8, 11), slice(11, 15))):
+            if arm not in cam and cam != "head":
+                continue
+            for k, s in enumerate(steps):
+                p = R.T @ (acts[s, pos] - c)
+                uv = (KV @ p)[:2] / p[2] + [0, 8]  # 64x48 letterboxed to 64: scale 1, 8 px top padding
+                expected.append((f"{arm} arm {k}", uv, p, R.T @ quat_to_matrix(acts[s, quat])))
+        assert [w.name for w in v.objects] == [e[0] for e in expected]
+        for w, (_, uv, p, Rc) in zip(v.objects, expected):
+            np.testing.assert_allclose(w.uv, uv, atol=1e-6)
+            np.testing.assert_allclose(w.t, p, atol=1e-6)
+            np.testing.assert_allclose(w.R, Rc, atol=1e-6)
+    assert target == tok.encode_trajectory([v.objects for v in views])
+    # the head view drops an arm whose first waypoint is outside its image
+    ds.sources[0].episodes[0].key["extra"]["observation.extrinsics.head"][:] = \
+        look_at(np.array([0.9, -0.6, 0.6]), [1.2, 0.5, 0.2]).ravel()
+    assert ds.build(i)[0][0].objects == []
+    item = ds[i]
+    assert item["state"].shape == (16,) and item["actions"].shape == (4, 16) and item["has_depth"].all()
+
+
+def test_robot_missing_intrinsics_for_trajectory(lerobot):
+    info_path = os.path.join(lerobot, "meta", "info.json")
+    info = json.load(open(info_path))
+    del info["features"]["observation.intrinsics.left_wrist"]
+    json.dump(info, open(info_path, "w"))
+    tok = PoseTokenizer(PoseBins.fit(np.zeros((4, 3)) + np.arange(4)[:, None]), 64)
+    with pytest.raises(ValueError, match=r"camera 'left_wrist' has no intrinsics.*observation.intrinsics.left_wrist"):
+        RobotDataset(lerobot, 64, pose_tokenizer=tok, trajectory=True)
+    RobotDataset(lerobot, 64)[0]  # without trajectory targets the intrinsics are optional
+
+
+def test_robotwin_samples_colours_and_depth(tmp_path):
+    root, states = write_robotwin(str(tmp_path / "rt"), "release", T=8)
+    ds = RobotDataset(root, 64, chunk=16, stride=3)
+    item = ds[ds.index.index((0, 0, 2))]
+    np.testing.assert_allclose(item["actions"][:2], states[[3, 6]], atol=1e-6)
+    assert item["is_pad"].tolist() == [False] * 2 + [True] * 14 and item["prompt"] == "stack the cubes"
+    rgb = (item["images"][0].transpose(1, 2, 0) + 1) * 127.5
+    np.testing.assert_allclose(rgb[20:40, 4:20].reshape(-1, 3).mean(0), robotwin_frame(2, 0)[0, 0], atol=8)
+    d, m = item["depth"][0]
+    assert m[8:12, 0:4].sum() == 0 and m[20, 20] == 1 and d[20, 20] == pytest.approx(0.75)
+
+
+def test_stats_cached_and_round_trip(tmp_path, lerobot):
+    ds = RobotDataset(lerobot, 64, stats="auto")
+    cached = [f for f in os.listdir(lerobot) if f.startswith("posevla_stats_")]
+    assert len(cached) == 1
+    st = ds.stats[0]
+    states = np.stack([ee16(e, t) for e, n in ((0, 12), (1, 5)) for t in range(n)])
+    np.testing.assert_allclose(st.state["mean"], states.mean(0), atol=1e-6)
+    np.testing.assert_allclose(st.state["q99"], np.quantile(states, 0.99, axis=0), atol=1e-6)
+    x = np.random.default_rng(0).normal(size=(7, 16)).astype(np.float32)
+    np.testing.assert_allclose(st.unnormalize(st.normalize(x, "action"), "action"), x, atol=1e-6)
+    i = ds.index.index((0, 1, 3))
+    std = np.where(np.array(st.state["std"]) < 1e-6, 1, st.state["std"])
+    np.testing.assert_allclose(ds[i]["state"], (ee16(1, 3) - st.state["mean"]) / std, atol=1e-5)
+    with pytest.raises(ValueError, match="state has width 14; the statistics expect 16"):
+        st.normalize(x[:, :14], "state")
+    path = os.path.join(lerobot, cached[0])  # reused: a second dataset reads the cache file
+    d = json.load(open(path))
+    d["state"]["mean"][0] = 123.0
+    json.dump(d, open(path, "w"))
+    assert RobotDataset(lerobot, 64, stats="auto").stats[0].state["mean"][0] == 123.0
+    st.save(str(tmp_path / "s.json"))
+    assert Stats.load(str(tmp_path / "s.json")) == st
+
+
+def test_mixture_weights_and_resumable_sampler():
+    sizes = [100, 10000]
+    w = mixture_weights(sizes)
+    np.testing.assert_allclose(w, np.array([100 ** 0.43, 10000 ** 0.43]) / (100 ** 0.43 + 10000 ** 0.43))
+    s = MixtureSampler(sizes, num_samples=20000, seed=1)
+    idx = s.indices(0)
+    assert np.array_equal(idx, MixtureSampler(sizes, num_samples=20000, seed=1).indices(0))
+    assert not np.array_equal(idx, s.indices(1))
+    assert abs((idx < 100).mean() - w[0]) < 0.01
+    counts = np.bincount(idx[idx < 100], minlength=100)
+    assert counts.max() - counts.min() <= 1  # each part is drawn without replacement, cycling
+    s.load_state_dict(s.state_dict(50) | {"epoch": 1})
+    assert list(s) == s.indices(1)[50:].tolist() and len(list(s)) == 20000  # resumes once, then full
+
+
+def test_collator_batch(omni, lerobot):
+    text = build_tiny_tokenizer()
+    tok = tokenizer_for(omni, 64)
+    extend_tokenizer(text, tok.bins, 3)
+    g = GroundingDataset(omni, tok, 64, neg_frac=0.0)
+    batch = Collator(text)([g[0], g[2]])
+    assert batch["images"].shape == (2, 3, 3, 64, 64) and batch["view_mask"].all()
+    for b, i in enumerate((0, 2)):
+        ids = batch["prompt_ids"][b][batch["prompt_mask"][b]].tolist()
+        assert ids[0] == text.bos_token_id and text.decode(ids[1:]) == g[i]["prompt"] + "\n"
+        lab = batch["label_ids"][b][batch["label_mask"][b]].tolist()
+        assert lab[-1] == text.eos_token_id and text.decode(lab[:-1]) == g[i]["target"]
+    assert not batch["prompt_mask"][:, 0].logical_not().any()  # right padding
+    assert "state" not in batch
+    r = RobotDataset(lerobot, 64, chunk=4)
+    batch = Collator(text, max_dim=32)([r[0], r[15]])
+    assert batch["state"].shape == (2, 32) and batch["actions"].shape == (2, 4, 32)
+    assert batch["state"][:, 16:].abs().sum() == 0 and batch["is_pad"].dtype == torch.bool
+    assert batch["is_pad"][1].tolist() == [False, True, True, True]  # frame 3 of a 5-frame episode
+    assert not batch["label_mask"].any()  # no trajectory target requested
+
+
+def test_dataloader_workers_open_files_lazily(tmp_path):
+    rt, _ = write_robotwin(str(tmp_path / "rt"), "current", T=6)
+    lr = write_lerobot(str(tmp_path / "lr"), "v2.1", "video", lengths=(5, 4))
+    ds = open_datasets([rt, lr], image_size=32, chunk=2, stride=1)
+    assert isinstance(ds, RobotDataset) and ds.sizes == [6, 9]
+    ds[0], ds[7]  # opens an h5py file and a video container in this process
+    rt_src = ds.sources[0]
+    assert len(rt_src.handles()) == 1 and len(pickle.loads(pickle.dumps(rt_src)).handles()) == 0
+    rt_src._pid = -1  # what a forked worker sees: a different pid, so it opens its own handles
+    assert len(rt_src.handles()) == 0
+    sampler = MixtureSampler(ds.sizes, num_samples=12, seed=0)
+    # spawn, not fork: forking a process whose FFmpeg/HDF5 threads hold locks can deadlock the child
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, sampler=sampler,
+                                         collate_fn=Collator(build_tiny_tokenizer()),
+                                         multiprocessing_context="spawn")
+    got = torch.cat([b["images"] for b in loader])
+    want = torch.stack([torch.from_numpy(ds[i]["images"]) for i in sampler.indices(0)])
+    assert torch.equal(got, want)
+
+
+def test_open_datasets_rejects_mixed_kinds(omni, lerobot):
+    assert isinstance(open_datasets(omni, pose_tokenizer=tokenizer_for(omni, 32), image_size=32), GroundingDataset)
+    with pytest.raises(ValueError, match="cannot mix formats"):
+        open_datasets([omni, lerobot], image_size=32)
+
+
+def test_cli_fit_bins_show_bench(tmp_path, omni, lerobot, capsys):
+    bins = str(tmp_path / "bins.json")
+    data.main(["fit-bins", "--data", omni, "--out", bins, "--n-bins", "16"])
+    assert PoseBins.load(bins).n_bins == 16
+    out = str(tmp_path / "show.png")
+    data.main(["show", "--data", omni, "--bins", bins, "--out", out, "--image-size", "64"])
+    from PIL import Image
+    assert Image.open(out).size[0] >= 3 * 64
+    data.main(["show", "--data", lerobot, "--out", out, "--image-size", "64", "--n-bins", "8"])
+    data.main(["bench", "--data", lerobot, "--image-size", "32", "--batches", "2", "--batch-size", "2",
+               "--n-bins", "8"])
+    assert "samples/s" in capsys.readouterr().out
