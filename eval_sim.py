@@ -1,0 +1,375 @@
+"""How users find out whether a checkpoint is any good (SPEC section 7).
+
+Three evaluations, one CLI:
+  - closed loop in the built-in tabletop world (sim.py): fixed recorded seeds, the task's step limit,
+    success per task with a 95 % Wilson interval, GIFs of the first episodes;
+    `python eval_sim.py --ckpt DIR --sim tabletop --task all --setting clean --episodes 20`
+  - closed loop in LIBERO (libero_env.py, optional install): the standard protocol;
+    `python eval_sim.py --ckpt DIR --sim libero --suite libero_spatial --episodes 50`
+  - 3D grounding on a held-out split: decoded pose tuples vs annotations (metrics.py), overlays;
+    `python eval_sim.py --grounding --ckpt DIR --data data/sim_grounding_val`
+RoboTwin 2.0 runs the policy from its own evaluator through robotwin_policy/deploy_policy.py.
+
+Every run writes `results.json` recording the full protocol (checkpoint path and config hash,
+seeds, settings, step limits, executed steps per chunk, git commit of this code) and rewrites it
+after every episode, so a run stopped by Ctrl-C or an error still leaves the finished episodes.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+EVAL_SEED0 = 100_000  # demonstrations use env seeds 0, 1, 2, ... (sim_export.write_demos): never overlap
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- protocol record
+def wilson(k, n, z=1.96):
+    """95 % Wilson score interval of a success rate k/n (stays inside [0, 1], sane at k = 0 or n)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+def code_version():
+    """Git commit of this code, with '+dirty' when tracked or new files differ from it."""
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = run("rev-parse", "HEAD")
+        return (commit or "unknown") + ("+dirty" if run("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def checkpoint_record(ckpt):
+    """Path and a hash of the files that define what the checkpoint computes (weights by size)."""
+    h = hashlib.sha1()
+    for name in ("config.json", "recipe.json", "stats.json", "bins.json"):
+        path = os.path.join(ckpt, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                h.update(name.encode() + f.read())
+    weights = os.path.join(ckpt, "model.safetensors")
+    return {"path": os.path.abspath(ckpt), "config_hash": h.hexdigest()[:16],
+            "weights_bytes": os.path.getsize(weights) if os.path.isfile(weights) else None}
+
+
+class Results:
+    """Episode records plus the protocol; `save()` rewrites the JSON atomically after each episode."""
+
+    def __init__(self, path, protocol):
+        self.path, self.protocol, self.episodes, self.extra = path, protocol, [], {}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def add(self, **episode):
+        self.episodes.append(episode)
+        self.save(complete=False)
+
+    def summary(self):
+        out = {}
+        closed_loop = [e for e in self.episodes if "success" in e]
+        for group in dict.fromkeys(e["task"] for e in closed_loop):
+            ok = [e["success"] for e in closed_loop if e["task"] == group]
+            out[group] = {"episodes": len(ok), "successes": int(sum(ok)), "success_rate": float(np.mean(ok)),
+                          "ci95": wilson(int(sum(ok)), len(ok))}
+        return out
+
+    def save(self, complete, stopped=None):
+        per_task = self.summary()
+        data = {"protocol": self.protocol, "complete": complete, "stopped": stopped, "per_task": per_task,
+                "mean_success": float(np.mean([v["success_rate"] for v in per_task.values()])) if per_task else None,
+                **self.extra, "episodes": self.episodes}
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, default=float)
+        os.replace(tmp, self.path)
+
+    def report(self):
+        for task, s in self.summary().items():
+            lo, hi = s["ci95"]
+            print(f"{task:>28}: {s['successes']:3d}/{s['episodes']:<3d} = {100 * s['success_rate']:5.1f} %  "
+                  f"(95 % CI {100 * lo:5.1f} - {100 * hi:5.1f})")
+        per_task = self.summary()
+        if per_task:
+            print(f"{'mean':>28}: {100 * np.mean([v['success_rate'] for v in per_task.values()]):5.1f} %")
+
+
+def run_protocol(results, episodes_fn):
+    """Run `episodes_fn()` (which calls results.add per episode); always leaves a results file."""
+    try:
+        episodes_fn()
+    except (KeyboardInterrupt, Exception) as e:
+        results.save(complete=False, stopped=f"{type(e).__name__}: {e}")
+        print(f"stopped after {len(results.episodes)} episode(s) ({type(e).__name__}); partial results in {results.path}")
+        raise
+    results.save(complete=True)
+
+
+# ----------------------------------------------------------------------------- drawing
+def project(points, K, cam2world):
+    """(N, 3) world points -> (N, 2) pixels and (N,) in-front mask."""
+    pc = (np.asarray(points) - cam2world[:3, 3]) @ cam2world[:3, :3]            # (N, 3) camera frame
+    uv = pc @ np.asarray(K).T
+    return uv[:, :2] / np.maximum(uv[:, 2:3], 1e-9), pc[:, 2] > 1e-6
+
+
+def draw_points(rgb, marks, zoom=3):
+    """Upscaled frame with marks = list of ((u, v), colour) drawn as dots."""
+    img = Image.fromarray(rgb).resize((rgb.shape[1] * zoom, rgb.shape[0] * zoom), Image.NEAREST)
+    pen = ImageDraw.Draw(img)
+    for (u, v), colour in marks:
+        x, y = (u + 0.5) * zoom, (v + 0.5) * zoom
+        pen.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colour, width=2)
+    return img
+
+
+def plan_marks(policy, head, tokens):
+    """What to draw on the head view for the current plan: the decoded waypoints when the pose-text
+    head writes any (green), else the planned chunk's end-effector positions projected (left
+    orange, right blue)."""
+    wps = policy.predicted_waypoints(view=0, max_new_tokens=tokens)
+    if wps:
+        return [(uv, (40, 255, 40)) for _, uv, _ in wps]
+    marks = []
+    for arm, colour in ((slice(0, 3), (255, 140, 0)), (slice(8, 11), (0, 160, 255))):
+        uv, front = project(policy.last_plan[:, arm], head["K"], head["cam2world"])
+        marks += [(p, colour) for p, ok in zip(uv, front) if ok]
+    return marks
+
+
+def save_gif(frames, path, hz):
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / hz), loop=0)
+
+
+# ----------------------------------------------------------------------------- tabletop
+def tabletop_views(obs, cameras):
+    """Recipe camera names ('head' or 'observation.images.head') -> the world's camera views."""
+    views = []
+    for cam in cameras:
+        name = cam.split(".")[-1]
+        if name not in obs["cameras"]:
+            raise ValueError(f"observation has no camera {name!r} (checkpoint cameras {cameras}, "
+                             f"world cameras {sorted(obs['cameras'])})")
+        v = obs["cameras"][name]
+        views.append({"rgb": v["rgb"], "K": v["K"], "depth": v["depth"]})
+    return views
+
+
+def tabletop_episode(env, policy, seed, max_steps, gif=None, tokens=0):
+    """One closed-loop episode; success is checked after every step. Returns the episode record."""
+    obs, start = env.reset(seed), time.perf_counter()
+    policy.reset()
+    success, marks = False, []
+    for t in range(max_steps):
+        replan = not policy.queue
+        action = policy.act(tabletop_views(obs, policy.cameras), obs["state"], env.instruction)
+        if gif is not None:
+            head = obs["cameras"]["head"]
+            marks = plan_marks(policy, head, tokens) if replan else marks
+            gif.append(draw_points(head["rgb"], marks))
+        obs = env.step(action)
+        if env.success():
+            success = True
+            break
+    if gif is not None:
+        gif.append(draw_points(obs["cameras"]["head"]["rgb"], []))
+    return {"seed": int(seed), "instruction": env.instruction, "success": success, "steps": t + 1,
+            "seconds": time.perf_counter() - start}
+
+
+def tabletop_tasks(args):
+    import sim
+    if args.task != "all" and args.task not in sim.TASKS:
+        raise ValueError(f"unknown task {args.task!r}; expected 'all' or one of {sim.TASKS}")
+    if args.setting not in sim.SETTINGS:
+        raise ValueError(f"unknown setting {args.setting!r}; expected one of {sim.SETTINGS}")
+    return sim.TASKS if args.task == "all" else (args.task,)
+
+
+def run_tabletop(args, policy, results):
+    import sim
+    from expert import max_steps
+    tasks = tabletop_tasks(args)
+    missing = [c.split(".")[-1] for c in policy.cameras if c.split(".")[-1] not in sim.CAMERAS]
+    if missing:
+        raise ValueError(f"{args.ckpt}/recipe.json: camera(s) {missing} do not exist in the tabletop world {sim.CAMERAS}")
+    limits = {t: args.max_steps or max_steps(t) for t in tasks}
+    results.protocol.update(tasks=list(tasks), setting=args.setting, step_limits=limits, render_size=args.render_size,
+                            seeds=[EVAL_SEED0 + i for i in range(args.episodes)])
+
+    def episodes():
+        for task in tasks:
+            env = sim.TabletopEnv(task, args.setting, EVAL_SEED0, args.render_size,
+                                  cameras=tuple(dict.fromkeys(["head"] + [c.split(".")[-1] for c in policy.cameras])))
+            for i in range(args.episodes):
+                gif = [] if i < args.gifs else None
+                ep = tabletop_episode(env, policy, EVAL_SEED0 + i, limits[task], gif, args.waypoint_tokens)
+                if gif:
+                    save_gif(gif, os.path.join(args.out, f"{task}_{args.setting}_{ep['seed']}.gif"), sim.CONTROL_HZ)
+                results.extra["latency"] = policy.latency()
+                results.add(task=task, **ep)
+                print(f"{task} seed {ep['seed']}: {'success' if ep['success'] else 'failure'} in {ep['steps']} steps")
+            env.close()
+    run_protocol(results, episodes)
+
+
+# ----------------------------------------------------------------------------- grounding
+def grounding_pairs(decoded, views):
+    """Per view: (predicted Boxes, ground-truth Boxes) for metrics.evaluate."""
+    from metrics import Box
+    from tokenizer import quat_to_matrix
+    pairs = []
+    for v, view in enumerate(views):
+        preds = [Box(d.t, d.size, quat_to_matrix(d.quat), d.name) for d in decoded.views[v] if d.size is not None]
+        gts = [Box(o.t, o.size, o.R, o.name) for o in view.objects]
+        pairs.append((preds, gts))
+    return pairs
+
+
+def overlay(views, decoded, size):
+    """GT boxes (top row) and predicted boxes (bottom row), drawn by data.draw."""
+    from data import View, draw
+    from tokenizer import ObjectPose, quat_to_matrix
+    pred_views = []
+    for v, view in enumerate(views):
+        objs = [ObjectPose(d.name, tuple(np.r_[d.anchor[:2], d.anchor[-2:]]), d.t, d.size, quat_to_matrix(d.quat))
+                for d in decoded.views[v] if d.size is not None]
+        pred_views.append(View(view.lb, view.crop, objs))
+    top, bottom = draw(views, "ground truth", size), draw(pred_views, "prediction", size)
+    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height))
+    canvas.paste(top, (0, 0))
+    canvas.paste(bottom, (0, top.height))
+    return canvas
+
+
+def run_grounding(args, results):
+    import torch
+    from data import Collator, GroundingDataset, tensors
+    from formats import omni3d_files
+    from metrics import evaluate
+    from model import load_checkpoint
+    from tokenizer import PoseTokenizer
+    model, tok, bins = load_checkpoint(args.ckpt)
+    model.eval()
+    size, n_views = model.cfg.image_size, model.cfg.n_views
+    if os.path.isdir(args.data) and not any("val" in os.path.basename(p) for p in omni3d_files(args.data, "val")):
+        print(f"warning: {args.data} has no JSON named *val*; evaluating on every JSON there: make sure it is held out")
+    pose_tok = PoseTokenizer(bins, size)
+    ds = GroundingDataset(args.data, pose_tok, size, n_views=n_views, neg_frac=0.0, split="val", seed=args.seed)
+    n = min(len(ds), args.max_samples) if args.max_samples else len(ds)
+    collate, pairs = Collator(tok, max_dim=model.cfg.max_dim), []
+    results.protocol.update(data=os.path.abspath(args.data), split="val", samples=n, views=n_views, image_size=size)
+    for start in range(0, n, args.batch_size):
+        idx = range(start, min(n, start + args.batch_size))
+        built = [ds.build(i) for i in idx]
+        items = [{**tensors(views, size), "prompt": prompt, "target": ""} for views, prompt, _ in built]
+        with torch.no_grad():
+            ids = model.generate(collate(items), max_new_tokens=args.max_new_tokens)
+        for i, (views, prompt, _), row in zip(idx, built, ids):
+            decoded = pose_tok.decode(tok.decode(row.tolist(), skip_special_tokens=True), n_views=n_views)
+            pairs += grounding_pairs(decoded, views)
+            if i < args.overlays:
+                overlay(views, decoded, size).save(os.path.join(args.out, f"grounding_{i:04d}.png"))
+            results.add(task="grounding", index=i, prompt=prompt, n_pred=sum(len(p) for p, _ in pairs[-n_views:]),
+                        n_rejected=decoded.n_rejected)
+    metrics = evaluate(pairs)
+    results.extra["grounding"] = metrics
+    results.save(complete=True)
+    return metrics
+
+
+def print_grounding(m):
+    print(f"{m['n_images']} views, {m['n_gt']} objects, {m['n_pred']} predicted, {m['n_matched']} matched")
+    print(f"AP (3D IoU 0.05..0.50) {100 * m['AP']:.1f}  AP@0.25 {100 * m['AP@0.25']:.1f}  AP@0.5 {100 * m['AP@0.5']:.1f}")
+    print(f"rotation {m['rot_deg']:.1f} deg  translation {m['trans_cm']:.1f} cm  depth {m['depth_cm']:.1f} cm  "
+          f"size {m['size_cm']:.1f} cm  5deg5cm {100 * m['5deg5cm']:.1f} %  10deg5cm {100 * m['10deg5cm']:.1f} %")
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (model.save_checkpoint + recipe.json, stats.json)")
+    p.add_argument("--sim", default="tabletop", choices=("tabletop", "libero"), help="closed-loop simulator")
+    p.add_argument("--task", default="all", help="'all' or one task name (tabletop: pick, place, push, handover; "
+                   "LIBERO: a task name of the suite)")
+    p.add_argument("--setting", default="clean", help="tabletop: clean (Easy) or randomized (Hard)")
+    p.add_argument("--suite", default="libero_spatial",
+                   help="LIBERO suite: libero_spatial|libero_object|libero_goal|libero_10")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per task (LIBERO: initial states, at most 50)")
+    p.add_argument("--exec-steps", type=int, default=None, help="control steps executed per chunk before re-planning "
+                   "(default: half the chunk at control rate)")
+    p.add_argument("--max-steps", type=int, default=None, help="override the per-task step limit (recorded; smoke tests)")
+    p.add_argument("--render-size", type=int, default=128, help="tabletop camera resolution (the demos' default)")
+    p.add_argument("--gifs", type=int, default=2, help="GIFs of the first N episodes per task (head view)")
+    p.add_argument("--waypoint-tokens", type=int, default=160, help="max tokens when decoding waypoints for GIFs (0: "
+                   "draw the planned chunk's end-effector positions instead)")
+    p.add_argument("--no-rays", action="store_true", help="do not feed ray maps (ablation)")
+    p.add_argument("--no-depth", action="store_true", help="do not feed depth (ablation)")
+    p.add_argument("--seed", type=int, default=0, help="policy noise seed (LIBERO uses its protocol seed 7)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--out", default=None, help="output folder (default outputs/eval/<sim>_<time>)")
+    p.add_argument("--grounding", action="store_true", help="3D grounding evaluation instead of closed loop")
+    p.add_argument("--data", default=None, help="grounding: held-out Omni3D/BOP data (split 'val')")
+    p.add_argument("--max-samples", type=int, default=0, help="grounding: evaluate at most N samples (0: all)")
+    p.add_argument("--batch-size", type=int, default=4, help="grounding: samples per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="grounding: decoding budget per sample")
+    p.add_argument("--overlays", type=int, default=8, help="grounding: overlay PNGs of the first N samples")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    kind = "grounding" if args.grounding else args.sim
+    if not os.path.isdir(args.ckpt):
+        raise FileNotFoundError(f"{args.ckpt}: checkpoint directory not found")
+    args.out = args.out or os.path.join("outputs", "eval", f"{kind}_{datetime.datetime.now():%Y%m%d_%H%M%S}")
+    os.makedirs(args.out, exist_ok=True)
+    protocol = {"kind": kind, "checkpoint": checkpoint_record(args.ckpt), "code": code_version(),
+                "command": " ".join(sys.argv), "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    results = Results(os.path.join(args.out, "results.json"), protocol)
+    if args.grounding:
+        if not args.data:
+            raise ValueError("--grounding needs --data PATH (held-out grounding scenes)")
+        print_grounding(run_grounding(args, results))
+        print(f"wrote {results.path}")
+        return results
+    from policy import Policy
+    if args.sim == "libero":
+        import libero_env
+        libero_env.check_suite(args.suite)
+        libero_env.require_libero()  # fail before loading the model
+        policy = Policy(args.ckpt, robots=("libero",), exec_steps=args.exec_steps, use_rays=not args.no_rays,
+                        use_depth=not args.no_depth, seed=libero_env.SEED, device=args.device)
+        protocol.update(exec_steps=policy.exec_steps, rays=not args.no_rays, depth=not args.no_depth)
+        libero_env.run_libero(args, policy, results, run_protocol)
+    else:
+        tabletop_tasks(args)
+        policy = Policy(args.ckpt, robots=("tabletop",), exec_steps=args.exec_steps, use_rays=not args.no_rays,
+                        use_depth=not args.no_depth, seed=args.seed, device=args.device)
+        protocol.update(exec_steps=policy.exec_steps, chunk=policy.recipe["chunk"], stride=policy.recipe["stride"],
+                        rays=not args.no_rays, depth=not args.no_depth, policy_seed=args.seed)
+        run_tabletop(args, policy, results)
+    results.report()
+    lat = policy.latency()
+    print(f"latency: {lat['ms_per_chunk']:.0f} ms per chunk, policy-limited control rate {lat['control_hz']:.1f} Hz "
+          f"({lat['exec_steps']} steps per chunk); wrote {results.path}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit(130)

