@@ -411,27 +411,31 @@ class PoseVLA(nn.Module):
         return x
 
     @torch.no_grad()
-    def generate(self, batch, max_new_tokens=256):
-        """Greedy pose-text decoding with a KV cache. Returns (B, N) token ids, eos-padded."""
+    def generate(self, batch, max_new_tokens=256, return_scores=False):
+        """Greedy pose-text decoding with a KV cache. Returns (B, N) token ids, eos-padded, and with
+        return_scores also (B, N) log-probabilities of the chosen tokens (0 after eos), from which
+        a caller can score each decoded tuple (e.g. to rank detections for AP)."""
         kvs, p_valid, vlm_h = self.encode_prefix(batch)
         B = p_valid.shape[0]
-        next_tok = self.logits(vlm_h[torch.arange(B), last_index(p_valid)]).argmax(-1)  # (B,)
+        logp = self.logits(vlm_h[torch.arange(B), last_index(p_valid)]).float().log_softmax(-1)  # (B, V)
         pos = p_valid.sum(1)                                                    # RoPE position of the next token
         key_valid = p_valid
-        out, done = [], torch.zeros(B, dtype=torch.bool, device=p_valid.device)
+        ids, scores = [], []
+        done = torch.zeros(B, dtype=torch.bool, device=p_valid.device)
         for _ in range(max_new_tokens):
-            next_tok = torch.where(done, torch.full_like(next_tok, self.cfg.eos_id), next_tok)
-            out.append(next_tok)
-            done = done | (next_tok == self.cfg.eos_id)
+            best, tok = logp.max(-1)                                            # (B,), (B,)
+            ids.append(torch.where(done, torch.full_like(tok, self.cfg.eos_id), tok))
+            scores.append(torch.where(done, torch.zeros_like(best), best))
+            done = done | (ids[-1] == self.cfg.eos_id)
             if bool(done.all()):
                 break
-            h = self.lm.embed_tokens(next_tok[:, None])                         # (B, 1, W)
+            h = self.lm.embed_tokens(ids[-1][:, None])                          # (B, 1, W)
             key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=h.device)], 1)
-            h, _, new = self.run_layers(h, None, pos[:, None], key_valid[:, None, :], past=kvs)
-            kvs = new
-            next_tok = self.logits(h[:, -1]).argmax(-1)
+            h, _, kvs = self.run_layers(h, None, pos[:, None], key_valid[:, None, :], past=kvs)
+            logp = self.logits(h[:, -1]).float().log_softmax(-1)
             pos = pos + 1
-        return torch.stack(out, dim=1)
+        ids = torch.stack(ids, dim=1)
+        return (ids, torch.stack(scores, dim=1)) if return_scores else ids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,7 +168,8 @@ def test_cached_sampling_equals_naive(tiny):
 def test_cached_generation_equals_naive_greedy(tiny):
     model, tok = tiny
     batch = make_batch(model, tok, labels=None, actions=False)
-    out = model.generate(batch, max_new_tokens=6)
+    out, scores = model.generate(batch, max_new_tokens=6, return_scores=True)
+    assert torch.equal(out, model.generate(batch, max_new_tokens=6))
     for b in range(2):
         one = {k: v[b:b + 1] for k, v in batch.items()}
         seq = []
@@ -181,6 +182,8 @@ def test_cached_generation_equals_naive_greedy(tiny):
             # the next token comes from the last real token: the last prompt token, then the last label
             h_idx = int(last_index(p_valid)[0]) if not seq else p_valid.shape[1] + len(seq) - 1
             seq.append(int(logits[0, h_idx].argmax()))
+            best = logits[0, h_idx].log_softmax(-1).max()
+            torch.testing.assert_close(scores[b, len(seq) - 1], best, rtol=1e-4, atol=1e-4)
             if seq[-1] == model.cfg.eos_id:
                 break
         assert out[b, :len(seq)].tolist() == seq
