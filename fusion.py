@@ -159,12 +159,14 @@ class GeometryFusion(nn.Module):
         self.rays = PriorEmbedder(3, cfg.patch_size, cfg.width) if cfg.use_rays else None
         self.depth = PriorEmbedder(2, cfg.patch_size, cfg.width) if cfg.use_depth else None
 
-    def forward(self, feats, rays=None, depth=None, has_rays=None, has_depth=None):
-        """rays (N, 3, S, S), depth (N, 2, S, S), has_* (N,) bool; None = absent for every sample."""
-        feats = self._add(feats, self.rays, rays, has_rays, "rays", 3)
-        return self._add(feats, self.depth, depth, has_depth, "depth", 2)
+    def forward(self, feats, rays=None, depth=None, has_rays=None, has_depth=None, views=1):
+        """rays (N, 3, S, S), depth (N, 2, S, S), has_* (N,) bool; None = absent for every sample.
+        views: N = samples * views, consecutive rows being one sample's views; dropout decides per
+        sample (SPEC 4), so all views of a sample keep or lose a prior together."""
+        feats = self._add(feats, self.rays, rays, has_rays, "rays", 3, views)
+        return self._add(feats, self.depth, depth, has_depth, "depth", 2, views)
 
-    def _add(self, feats, embedder, prior, has, what, channels):
+    def _add(self, feats, embedder, prior, has, what, channels, views):
         if embedder is None or prior is None:
             return feats
         N = feats.shape[0]
@@ -172,7 +174,8 @@ class GeometryFusion(nn.Module):
             raise ValueError(f"GeometryFusion: {what} must be ({N}, {channels}, S, S), got {tuple(prior.shape)}")
         keep = torch.ones(N, dtype=torch.bool, device=feats.device) if has is None else has.to(feats.device, torch.bool)
         if self.training and self.cfg.dropout > 0:
-            keep = keep & (torch.rand(N, device=feats.device) >= self.cfg.dropout)  # (N,) independent per prior
+            drawn = torch.rand(N // views, device=feats.device) >= self.cfg.dropout  # (samples,), per prior
+            keep = keep & drawn.repeat_interleave(views)                        # (N,)
         # Dropped samples feed zeros, so garbage (NaN) in an absent prior cannot reach the gradients.
         prior = torch.where(keep[:, None, None, None], prior, torch.zeros((), dtype=prior.dtype, device=prior.device))
         emb = embedder(prior.to(embedder.mlp[0].weight.dtype))  # (N, P, Dv)

@@ -252,7 +252,7 @@ class PoseVLA(nn.Module):
                             batch["rays"].flatten(0, 1) if "rays" in batch else None,
                             batch["depth"].flatten(0, 1) if "depth" in batch else None,
                             batch["has_rays"].flatten() if "has_rays" in batch else None,
-                            batch["has_depth"].flatten() if "has_depth" in batch else None)
+                            batch["has_depth"].flatten() if "has_depth" in batch else None, views=V)
         img = self.vlm.model.multi_modal_projector(feats).view(B, V, -1, self.lm.config.hidden_size)  # (B, V, P, W)
         start = self.lm.embed_tokens(torch.tensor(self.cfg.image_start_ids[:V], device=images.device))  # (V, W)
         end = self.lm.embed_tokens(torch.tensor(self.cfg.image_end_ids[:V], device=images.device))
@@ -454,17 +454,19 @@ def attach_tokenizer(cfg, text_tokenizer, bins):
     return text_tokenizer
 
 
-def grow_embeddings(vlm, n_tokens):
-    """Grow the (tied) token embedding to n_tokens rows; new rows = mean of the old ones."""
-    emb = vlm.get_input_embeddings()
-    old = emb.weight.shape[0]
-    if n_tokens <= old:
+def init_new_tokens(vlm, first_new, n_tokens):
+    """Give token ids first_new..n_tokens-1 (just added to the tokenizer) embedding rows equal to
+    the mean of the rows of the original ids 0..first_new-1, growing the tied matrix if needed.
+    PaliGemma's matrix has spare rows past its tokenizer (257216 vs ~257152), so some new ids land
+    inside the old matrix: those rows are re-initialised too."""
+    if n_tokens <= first_new:
         return
-    mean = emb.weight.detach().mean(0)
-    vlm.resize_token_embeddings(n_tokens, mean_resizing=False)
+    mean = vlm.get_input_embeddings().weight.detach()[:first_new].mean(0)
+    if n_tokens > vlm.get_input_embeddings().weight.shape[0]:
+        vlm.resize_token_embeddings(n_tokens, mean_resizing=False)
+        vlm.config.text_config.vocab_size = vlm.config.vocab_size = n_tokens
     with torch.no_grad():
-        vlm.get_input_embeddings().weight[old:] = mean
-    vlm.config.text_config.vocab_size = vlm.config.vocab_size = n_tokens
+        vlm.get_input_embeddings().weight[first_new:n_tokens] = mean
     if vlm.lm_head.weight.data_ptr() != vlm.get_input_embeddings().weight.data_ptr():
         vlm.tie_weights()
 
@@ -497,6 +499,7 @@ def build_model(config="tiny", bins=None, vlm_path=None, tokenizer_dir=None, **o
         else:
             raise ValueError("the paligemma-3b config needs --vlm DIR (or a tokenizer directory): "
                              "PaliGemma's tokenizer cannot be built offline")
+    n_original = len(tok)
     attach_tokenizer(cfg, tok, bins)
     if vlm is None:
         n = max(len(tok), cfg.vlm["text_config"]["vocab_size"]) if config != "tiny" else len(tok)
@@ -505,7 +508,7 @@ def build_model(config="tiny", bins=None, vlm_path=None, tokenizer_dir=None, **o
             cfg.vlm["image_token_index"] = tok.convert_tokens_to_ids("<image>")
         model = PoseVLA(cfg)
     else:
-        grow_embeddings(vlm, len(tok))
+        init_new_tokens(vlm, n_original, len(tok))
         cfg.vlm = vlm.config.to_dict()
         model = PoseVLA(cfg, vlm)
     return model, tok

@@ -154,6 +154,11 @@ def test_modality_dropout_only_in_training_and_independent():
         seen.append(match[0])
         assert has_r[i] or not match[0][0]                         # dropout never adds an absent prior
     assert set(seen) == set(combos)                                # all four combinations occur
+    # views=4: rows are 16 samples x 4 views; every view of a sample keeps/drops priors together
+    out = fusion(feats, rays, depth, None, None, views=4)
+    kinds = [next(k for k, v in combos.items() if torch.allclose(out[i], v, atol=1e-6)) for i in range(N)]
+    assert all(len(set(kinds[s * 4:(s + 1) * 4])) == 1 for s in range(N // 4))
+    assert len(set(kinds)) > 1
 
 
 def test_patch_order_matches_siglip():

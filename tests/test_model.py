@@ -136,23 +136,26 @@ def test_vlm_directory_loads_with_identical_logits(tiny, tmp_path):
     assert_matches_paligemma(loaded.eval(), tok2, hf)
 
 
-def test_new_token_rows_are_mean_initialised(tmp_path):
+@pytest.mark.parametrize("spare_rows", [0, 40])
+def test_new_token_rows_are_mean_initialised(tmp_path, spare_rows):
+    """A PaliGemma whose tokenizer lacks the pose tokens: every new id gets the mean row, also the
+    ids that land in spare rows the matrix already had (PaliGemma: 257216 rows, ~257152 tokens)."""
     torch.manual_seed(0)
     model, _ = build_model("tiny", bins=tiny_bins(16))
-    # A PaliGemma whose tokenizer lacks the pose tokens: loading it must grow the embedding.
-    vlm_dir = tmp_path / "plain"
     base_tok = build_tiny_tokenizer()
+    n = len(base_tok)
     cfg = model.vlm.config
-    cfg.text_config.vocab_size = cfg.vocab_size = len(base_tok)
+    cfg.text_config.vocab_size = cfg.vocab_size = n + spare_rows
     hf = PaliGemmaForConditionalGeneration(cfg)
+    vlm_dir = tmp_path / "plain"
     hf.save_pretrained(vlm_dir)
     base_tok.save_pretrained(vlm_dir)
     old = hf.get_input_embeddings().weight.detach().clone()
     grown, tok2 = build_model("tiny", bins=tiny_bins(16), vlm_path=str(vlm_dir))
     W = grown.vlm.get_input_embeddings().weight
-    assert W.shape[0] == len(tok2) > old.shape[0]
-    assert torch.equal(W[: old.shape[0]], old)
-    torch.testing.assert_close(W[old.shape[0]:], old.mean(0).expand(W.shape[0] - old.shape[0], -1))
+    assert W.shape[0] == len(tok2) > n + spare_rows
+    assert torch.equal(W[:n], old[:n])
+    torch.testing.assert_close(W[n:], old[:n].mean(0).expand(W.shape[0] - n, -1))
     assert grown.vlm.lm_head.weight.data_ptr() == W.data_ptr()
 
 
