@@ -34,6 +34,18 @@ from tokenizer import PoseTokenizer
 RECIPE_KEYS = ("robot", "cameras", "chunk", "stride", "state_dim", "action_dim", "image_size")
 # Absolute end-effector layouts [l_xyz, l_quat(wxyz), l_grip, r_xyz, r_quat, r_grip]: quaternion slices.
 QUAT_SLICES = {"tabletop": (slice(3, 7), slice(11, 15)), "robotwin": (slice(3, 7), slice(11, 15))}
+GRIPPERS = {"tabletop": [7, 15], "robotwin": [7, 15]}  # opening in [0, 1], 1 = open
+
+
+def valid_actions(chunk, robot):
+    """Predicted (N, Da) actions made executable: unit quaternions, grippers clipped to [0, 1]
+    (the regression output is close to, but not exactly on, those sets)."""
+    chunk = np.array(chunk, np.float64)
+    for q in QUAT_SLICES.get(robot, ()):
+        chunk[:, q] /= np.linalg.norm(chunk[:, q], axis=-1, keepdims=True).clip(min=1e-8)
+    if robot in GRIPPERS:
+        chunk[:, GRIPPERS[robot]] = chunk[:, GRIPPERS[robot]].clip(0.0, 1.0)
+    return chunk
 
 
 def read_recipe(ckpt):
@@ -146,7 +158,8 @@ class Policy:
         with torch.no_grad():
             norm = self.model.sample_actions(batch, noise=noise)[0, :, :self.recipe["action_dim"]]  # (H, Da)
         chunk = self.stats.unnormalize(norm.float().cpu().numpy(), "action", f"{self.ckpt}/stats.json")
-        plan = expand_chunk(chunk, self.recipe["stride"], QUAT_SLICES.get(self.recipe["robot"], ()))
+        robot = self.recipe["robot"]
+        plan = expand_chunk(valid_actions(chunk, robot), self.recipe["stride"], QUAT_SLICES.get(robot, ()))
         self.chunk_seconds.append(time.perf_counter() - start)
         self.last_plan, self.last_batch = plan, batch
         return plan

@@ -17,7 +17,7 @@ import sim  # noqa: E402
 from data import Stats  # noqa: E402
 from fusion import letterbox, ray_map  # noqa: E402
 from model import build_model, save_checkpoint  # noqa: E402
-from policy import Policy, expand_chunk  # noqa: E402
+from policy import Policy, expand_chunk, valid_actions  # noqa: E402
 from robotwin_policy import deploy_policy  # noqa: E402
 from tokenizer import PoseBins, PoseTokenizer, euler_to_matrix, quat_to_matrix  # noqa: E402
 
@@ -59,6 +59,19 @@ def test_wilson_interval_known_values():
     assert eval_sim.wilson(10, 10)[1] == 1.0
 
 
+def test_valid_actions_unit_quaternions_and_clipped_grippers():
+    raw = np.zeros((2, 16))
+    raw[:, 3:7] = [[2.0, 0, 0, 0], [0.5, 0.5, 0.5, 0.5 + 1e-3]]
+    raw[:, 11:15] = [[0, 0, 0, 3.0], [0.9, 0.1, 0, 0]]
+    raw[:, 7], raw[:, 15] = [1.2, 0.4], [-0.1, 0.7]
+    out = valid_actions(raw, "robotwin")
+    np.testing.assert_allclose(np.linalg.norm(out[:, 3:7], axis=1), 1.0)
+    np.testing.assert_allclose(np.linalg.norm(out[:, 11:15], axis=1), 1.0)
+    np.testing.assert_allclose(out[:, 3:7][0], [1, 0, 0, 0])
+    assert out[:, 7].tolist() == [1.0, 0.4] and out[:, 15].tolist() == [0.0, 0.7]
+    np.testing.assert_array_equal(valid_actions(raw[:, :7], "libero"), raw[:, :7])  # delta actions untouched
+
+
 def test_expand_chunk_interpolates_positions_and_quaternions():
     c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
     q0, q1 = np.array([1.0, 0, 0, 0]), np.array([c, 0, 0, s])     # identity -> 90 deg about z
@@ -87,9 +100,10 @@ def test_policy_uses_the_training_preprocessing_and_denormalises(make_ckpt):
     np.testing.assert_allclose(batch["state"][0, :16].numpy(), p.stats.normalize(np.zeros(16), "state"), atol=1e-6)
     plan = p.plan(views, np.zeros(16), "pick up the red cube")
     assert plan.shape == ((4 - 1) * 3 + 1, 16)
-    other = np.r_[0:3, 7:11, 15]
-    assert np.all(np.abs(plan[:, other] - 5.0) < 0.5)  # mean 5, std 0.01: de-normalised into the robot's units
-    np.testing.assert_allclose(np.linalg.norm(plan[1:3, 3:7], axis=1), 1.0)  # interpolated quaternions stay unit
+    positions = np.r_[0:3, 8:11]
+    assert np.all(np.abs(plan[:, positions] - 5.0) < 0.5)  # mean 5, std 0.01: de-normalised into the robot's units
+    assert np.all(plan[:, [7, 15]] == 1.0)  # grippers de-normalised to ~5, clipped to fully open
+    np.testing.assert_allclose(np.linalg.norm(plan[:, 3:7], axis=1), 1.0)  # every quaternion unit, also interpolated
     # ablations drop the priors; missing views and wrong state widths are refused
     q = Policy(make_ckpt("pre"), use_rays=False, use_depth=False)
     b = q.preprocess(views, np.zeros(16), "x")
