@@ -1,6 +1,6 @@
 """Training samples for Pose-VLA: pseudo multi-view grounding, robot chunks, statistics, mixing.
 
-SPEC section 6 (training data), 3 (target text), 9/11 (formats, read in formats.py).
+SPEC section 6 (training data), 3 (target text), 9/11 (formats, read in formats.py and robot_formats.py).
   - GroundingDataset (pre-training stage 1): one item = one (image, class). The image becomes a
     near-full "head" crop and two "wrist" crops, each letterboxed with its own K; the target lists
     every instance of the class per view, or is a negative (10 %) for an absent class.
@@ -8,7 +8,8 @@ SPEC section 6 (training data), 3 (target text), 9/11 (formats, read in formats.
     frame stride with is_pad, the instruction, and optionally the trajectory target (future
     end-effector waypoints in each camera's frame).
   - Stats (z-scoring, cached per dataset), MixtureSampler (weights ~ n^0.43), Collator (batch
-    dict for model.py), and the CLI: `show`, `fit-bins`, `bench`.
+    dict for model.py), make_loader (DataLoader with spawned workers), and the CLI: `show`,
+    `fit-bins`, `bench`.
 Randomness is a pure function of (seed, epoch, index), so a resumed run sees the same samples.
 """
 import argparse
@@ -22,12 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from formats import (LeRobotSource, RoboTwinSource, decode_depth_png, decode_image,
-                     detect_format, omni3d_files, read_bop, read_omni3d)
+from formats import GROUNDING_FORMATS, ROBOT_FORMATS, detect_format, load_scenes
 from fusion import depth_prior, image_to_tensor, letterbox, ray_map
+from robot_formats import ARMS, open_source
 from tokenizer import ObjectPose, PoseBins, PoseTokenizer, Waypoint, quat_to_matrix
 
-GROUNDING_FORMATS, ROBOT_FORMATS = ("omni3d", "bop"), ("lerobot", "robotwin")
 BAD_INPUT = (ValueError, FileNotFoundError, OSError)
 
 
@@ -65,10 +65,8 @@ def _crop(rng, W, H, scale, focus=None):
 def _letterbox_crop(image, K, depth, crop, size):
     x0, y0, x1, y1 = crop
     Kc = np.array(K, dtype=np.float64)
-    Kc[0, 2] -= x0
-    Kc[1, 2] -= y0
-    d = None if depth is None else depth[y0:y1, x0:x1]
-    return letterbox(image[y0:y1, x0:x1], Kc, size, depth=d)
+    Kc[:2, 2] -= (x0, y0)  # the principal point moves with the crop's corner
+    return letterbox(image[y0:y1, x0:x1], Kc, size, depth=None if depth is None else depth[y0:y1, x0:x1])
 
 
 def box_corners(t, R, size):
@@ -133,16 +131,6 @@ class _Resilient(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- grounding
-def load_scenes(path, split="train", names=None):
-    fmt = detect_format(path)
-    if fmt == "bop":
-        return read_bop(path, names=names, split=split)
-    if fmt == "omni3d":
-        return [im for f in omni3d_files(path, split) for im in read_omni3d(f)]
-    raise ValueError(f"{path}: format '{fmt}' has no 3D object annotations; grounding needs "
-                     f"one of {GROUNDING_FORMATS}")
-
-
 class GroundingDataset(_Resilient):
     """Pseudo multi-view grounding samples (SPEC 6, pre-training stage 1)."""
 
@@ -168,35 +156,23 @@ class GroundingDataset(_Resilient):
     def __len__(self):
         return len(self.samples)
 
-    def read(self, im):
-        image = decode_image(im.image_path, im.image_path)
-        depth = None
-        if im.depth_path is not None:
-            depth = decode_depth_png(im.depth_path, im.depth_path, im.depth_scale)
-            if depth.shape != image.shape[:2]:
-                raise ValueError(f"{im.depth_path}: depth is {depth.shape}; expected {image.shape[:2]}")
-        return image, depth
-
     def build(self, index):
         """(views, prompt, target) for one sample; views carry K and the listed ObjectPoses."""
         rng = self.rng(index)
         scene_idx, name = self.samples[index]
         im = self.scenes[scene_idx]
-        image, depth = self.read(im)
+        image, depth = im.load()
         H, W = image.shape[:2]
         present = {_label(o.name) for o in im.objects}
         negative = rng.random() < self.neg_frac and self._absent_class(rng, present)
         mine = [o for o in im.objects if _label(o.name) == name]
         views = []
-        for v in range(self.n_views):
-            if v == 0:
-                crop = _crop(rng, W, H, self.cfg.head_scale)
-            else:
-                focus = None
-                if rng.random() < self.cfg.wrist_focus:
-                    box = _source_box(mine[rng.integers(len(mine))], im.K, W, H)
-                    focus = None if box is None else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-                crop = _crop(rng, W, H, self.cfg.wrist_scale, focus)
+        for v in range(self.n_views):  # view 0: head crop; then wrist crops, maybe around an instance
+            focus = None
+            if v > 0 and rng.random() < self.cfg.wrist_focus:
+                box = _source_box(mine[rng.integers(len(mine))], im.K, W, H)
+                focus = None if box is None else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+            crop = _crop(rng, W, H, self.cfg.wrist_scale if v else self.cfg.head_scale, focus)
             lb = _letterbox_crop(image, im.K, depth, crop, self.size)
             views.append(View(lb, crop, [] if negative else self._objects(mine, im.K, W, H, crop, lb)))
         if negative:
@@ -300,22 +276,12 @@ def source_stats(source, cache_dir=None):
 
 
 # ----------------------------------------------------------------------------- robot samples
-def open_source(path):
-    fmt = detect_format(path)
-    if fmt not in ROBOT_FORMATS:
-        raise ValueError(f"{path}: format '{fmt}' holds no robot episodes; expected one of {ROBOT_FORMATS}")
-    return LeRobotSource(path) if fmt == "lerobot" else RoboTwinSource(path)
-
-
 @dataclass
 class TrajectoryConfig:
     every: int = 10  # SPEC 3: every 10th action ...
     count: int = 5  # ... of a ~50-step horizon: 5 waypoints per arm
     tcp_offset: tuple = (0.0, 0.0, 0.0)  # added in the end-effector frame; RoboTwin's endpose is
     # 0.12 m behind the TCP (SPEC 11); we keep the recorded point by default (= the action space)
-
-
-ARMS = (("left", slice(0, 3), slice(3, 7)), ("right", slice(8, 11), slice(11, 15)))  # ee16 layout
 
 
 class RobotDataset(_Resilient):
@@ -337,9 +303,8 @@ class RobotDataset(_Resilient):
         self.stats = [source_stats(s, cache_dir) if stats == "auto" else stats for s in self.sources]
         self.index, self.sizes = [], []
         for si, s in enumerate(self.sources):
-            n = sum(len(e.state) for e in s.episodes)
             self.index += [(si, ei, t) for ei, e in enumerate(s.episodes) for t in range(len(e.state))]
-            self.sizes.append(n)
+            self.sizes.append(sum(len(e.state) for e in s.episodes))
             if trajectory and s.ee16:
                 self._check_cameras(si)
 
@@ -361,11 +326,8 @@ class RobotDataset(_Resilient):
         si, ei, t = self.index[index]
         s, ep = self.sources[si], self.sources[si].episodes[ei]
         frames = [s.frame(ei, t, cam) for cam in self.cameras[si]]
-        views = []
-        for f in frames:
-            K = f.K if f.K is not None else np.eye(3)
-            views.append(View(letterbox(f.image, K, self.size, depth=f.depth),
-                              (0, 0, f.image.shape[1], f.image.shape[0]), [], f.K is not None))
+        views = [View(letterbox(f.image, np.eye(3) if f.K is None else f.K, self.size, depth=f.depth),
+                      (0, 0, f.image.shape[1], f.image.shape[0]), [], f.K is not None) for f in frames]
         steps = t + self.stride * np.arange(self.chunk)
         is_pad = steps >= len(ep.action)
         actions = ep.action[np.minimum(steps, len(ep.action) - 1)]  # (H, Da)
@@ -467,7 +429,7 @@ class MixtureSampler(torch.utils.data.Sampler):
         self.epoch, self.start = int(d["epoch"]), int(d["start"])
 
 
-# ----------------------------------------------------------------------------- collation
+# ----------------------------------------------------------------------------- collation, loading
 class Collator:
     """List of items -> batch dict for model.py. Prompt = <bos> + prompt + "\\n" (PaliGemma's
     prefix format); label = target + <eos>; empty targets get an all-False label_mask."""
@@ -508,6 +470,21 @@ class Collator:
             batch["actions"] = torch.from_numpy(np.stack([self._dim(it["actions"], "actions") for it in items]))
             batch["is_pad"] = torch.from_numpy(np.stack([it["is_pad"] for it in items]))
         return batch
+
+
+def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persistent=True, **kwargs):
+    """A DataLoader whose workers are spawned, not forked. A forked child inherits the parent's open
+    PyAV (FFmpeg) containers, HDF5 files and EGL context with their locks, but not the threads that
+    hold them, so a worker can deadlock on its first read (a test hung this way). Spawned workers
+    start a fresh interpreter and unpickle the dataset (RobotSource drops open handles when pickled);
+    the caller's script therefore needs an `if __name__ == "__main__":` guard. `persistent` keeps the
+    workers across iterations of this loader so spawn's start-up (importing torch) is paid once; they
+    keep the dataset copy they started with, so after `dataset.set_epoch` build a new loader.
+    `kwargs` go to DataLoader (drop_last, generator, worker_init_fn, ...)."""
+    if workers > 0:
+        kwargs.update(multiprocessing_context="spawn", persistent_workers=persistent)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       collate_fn=collate_fn, **kwargs)
 
 
 # ----------------------------------------------------------------------------- bins, drawing, CLI
@@ -568,13 +545,9 @@ def draw(views, target, size, text_width=110):
     return canvas
 
 
-def pose_tokenizer_for(args):
-    bins = PoseBins.load(args.bins) if args.bins else fit_bins(args.data, n_bins=args.n_bins)
-    return PoseTokenizer(bins, args.image_size)
-
-
 def dataset_for(args):
-    tok = pose_tokenizer_for(args)
+    bins = PoseBins.load(args.bins) if args.bins else fit_bins(args.data, n_bins=args.n_bins)
+    tok = PoseTokenizer(bins, args.image_size)
     if detect_format(args.data[0]) in GROUNDING_FORMATS:
         return open_datasets(args.data, "grounding", pose_tokenizer=tok, image_size=args.image_size,
                              skip_bad=args.skip_bad)
@@ -613,9 +586,8 @@ def main(argv=None):
         print(f"wrote {out}: prompt {prompt!r}, {len(views)} views")
         return
     from tokenizer import build_tiny_tokenizer
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
-                                         sampler=MixtureSampler(ds.sizes, (args.batches + 1) * args.batch_size),
-                                         collate_fn=Collator(build_tiny_tokenizer()))
+    loader = make_loader(ds, args.batch_size, Collator(build_tiny_tokenizer()), workers=args.workers,
+                         sampler=MixtureSampler(ds.sizes, (args.batches + 1) * args.batch_size))
     it = iter(loader)
     next(it)
     start = time.perf_counter()

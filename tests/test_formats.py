@@ -1,4 +1,5 @@
-"""Format readers (formats.py): fixtures written in each exact on-disk format, values read back.
+"""Format readers (formats.py, robot_formats.py): fixtures written in each exact on-disk format,
+values read back.
 
 The fixture writers here are also used by test_data.py.
 """
@@ -16,8 +17,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from formats import (LeRobotSource, RoboTwinSource, decode_image, detect_format, read_bop,  # noqa: E402
-                     read_omni3d)
+from formats import decode_image, detect_format, load_scenes, read_bop, read_omni3d  # noqa: E402
+from robot_formats import LeRobotSource, RoboTwinSource, open_source  # noqa: E402
 from tokenizer import euler_to_matrix, matrix_to_quat, quat_to_matrix  # noqa: E402
 
 K0 = np.array([[100.0, 0, 80], [0, 100.0, 60], [0, 0, 1]])  # 160 x 120 images
@@ -489,3 +490,20 @@ def test_unknown_format_lists_supported(tmp_path):
         detect_format(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         detect_format(str(tmp_path / "nowhere"))
+
+
+def test_open_by_kind_and_scene_pixels(tmp_path):
+    omni = write_omni3d(str(tmp_path / "omni"))
+    rt, _ = write_robotwin(str(tmp_path / "rt"))
+    scene = load_scenes(omni)[0]
+    image, depth = scene.load()
+    assert image.shape == (H0, W0, 3) and image[0, 0].tolist() == [200, 30, 30]
+    assert depth.dtype == np.float32 and depth[50, 50] == pytest.approx(1.5) and depth[0, 0] == 0
+    assert isinstance(open_source(rt), RoboTwinSource)
+    with pytest.raises(ValueError, match="format 'omni3d' holds no robot episodes"):
+        open_source(omni)
+    with pytest.raises(ValueError, match="format 'robotwin' has no 3D object annotations"):
+        load_scenes(rt)
+    Image.fromarray(np.zeros((10, 10), np.uint16)).save(scene.depth_path)
+    with pytest.raises(ValueError, match=r"000000_depth.png: depth is \(10, 10\); expected \(120, 160\)"):
+        scene.load()
