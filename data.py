@@ -36,7 +36,8 @@ BAD_INPUT = (ValueError, FileNotFoundError, OSError)
 class ViewConfig:
     head_scale: tuple = (0.9, 1.0)  # SPEC 6: near-full head crop (side length fraction)
     wrist_scale: tuple = (0.25, 0.65)  # SPEC 6: smaller wrist crops
-    min_box_px: float = 10.0  # SPEC 6: box side >= 10 px, measured in source-image pixels
+    min_box_px: float = 10.0  # SPEC 6: box side >= 10 px, both in the letterboxed view the model sees
+    # (1440 px ARKit -> 224: 10 source px ~ 1.5 px) and in source pixels (no passing by upsampling)
     wrist_focus: float = 0.5  # [ours] wrist crops centre on a random instance with this probability,
     # so close-ups usually show the queried object instead of empty table
 
@@ -187,8 +188,8 @@ class GroundingDataset(_Resilient):
             if box is None:
                 continue
             b = np.clip(box - [x0, y0, x0, y0], 0, [x1 - x0, y1 - y0] * 2)
-            if min(b[2] - b[0], b[3] - b[1]) < self.cfg.min_box_px:
-                continue  # not visible in this crop, or too small to anchor
+            if min(b[2] - b[0], b[3] - b[1]) * min(1.0, lb.scale) < self.cfg.min_box_px:
+                continue  # not visible in this crop, or too small to anchor (in source and view pixels)
             b = b * lb.scale + np.r_[lb.offset, lb.offset]
             out.append(ObjectPose(_label(o.name), tuple(b), o.t, o.size, o.R))
         return out
@@ -282,6 +283,29 @@ class TrajectoryConfig:
     count: int = 5  # ... of a ~50-step horizon: 5 waypoints per arm
     tcp_offset: tuple = (0.0, 0.0, 0.0)  # added in the end-effector frame; RoboTwin's endpose is
     # 0.12 m behind the TCP (SPEC 11); we keep the recorded point by default (= the action space)
+    min_depth: float = 0.01  # [ours] m (SPEC 6's depth floor): nearer waypoints have no usable pixel
+
+
+def view_waypoints(action, t, K, cam2world, image_hw, cam, traj=TrajectoryConfig()):
+    """SPEC 3 trajectory tuples of one view at frame t: [(name, uv (2,) source pixels, t (3,), R (3, 3))],
+    waypoint k = ee pose action[t + every*(k+1) - 1] (clamped) in this camera's frame at t. A wrist
+    view lists only its own arm; the head an arm whose first waypoint projects into the image. [ours]
+    Waypoints with z < min_depth (behind a wrist camera) are dropped, as dividing by z <= 0 mirrors
+    (u, v); the rest keep their k. Shared by RobotDataset and fit_bins: bins fit exactly the targets."""
+    steps = np.minimum(t + traj.every * np.arange(1, traj.count + 1) - 1, len(action) - 1)
+    own = "left" if "left" in cam else "right" if "right" in cam else None
+    Rcw, tcw, out = cam2world[:3, :3], cam2world[:3, 3], []
+    for arm, pos, quat in (a for a in ARMS if own in (None, a[0])):
+        Rw = quat_to_matrix(action[steps, quat])  # (k, 3, 3)
+        pw = action[steps, pos] + Rw @ np.asarray(traj.tcp_offset, float)  # (k, 3)
+        pc = (pw - tcw) @ Rcw  # (k, 3) = Rcw^T (pw - tcw)
+        Rc = np.einsum("ji,kjl->kil", Rcw, Rw)  # Rcw^T @ Rw
+        front = pc[:, 2] >= traj.min_depth  # (k,)
+        uv = project(K, np.where(front[:, None], pc, 1.0))  # (k, 2); rows behind are dropped below
+        if own is None and not (front[0] and 0 <= uv[0, 0] < image_hw[1] and 0 <= uv[0, 1] < image_hw[0]):
+            continue
+        out += [(f"{arm} arm {k}", uv[k], pc[k], Rc[k]) for k in np.flatnonzero(front)]
+    return out
 
 
 class RobotDataset(_Resilient):
@@ -312,8 +336,7 @@ class RobotDataset(_Resilient):
         """Trajectory targets need both intrinsics and extrinsics of every view."""
         s = self.sources[si]
         for cam in self.cameras[si]:
-            f = s.frame(0, 0, cam, want_depth=False)
-            for name, value in (("intrinsics", f.K), ("extrinsics", f.cam2world)):
+            for name, value in zip(("intrinsics", "extrinsics"), s.camera(0, 0, cam)):
                 if value is None:
                     raise ValueError(f"{s.path}: camera '{cam}' has no {name} (e.g. "
                                      f"'observation.{name}.{cam}'); trajectory targets need them")
@@ -322,7 +345,7 @@ class RobotDataset(_Resilient):
         return len(self.index)
 
     def build(self, index):
-        """(views, frames, prompt, target, state, actions, is_pad) for one sample."""
+        """(views, prompt, target, state, actions, is_pad) for one sample."""
         si, ei, t = self.index[index]
         s, ep = self.sources[si], self.sources[si].episodes[ei]
         frames = [s.frame(ei, t, cam) for cam in self.cameras[si]]
@@ -335,29 +358,11 @@ class RobotDataset(_Resilient):
         prompt = tasks[self.rng(index).integers(len(tasks))]
         target = ""
         if self.trajectory and s.ee16:
-            self._waypoints(ep.action, t, frames, views, self.cameras[si])
+            for f, v, cam in zip(frames, views, self.cameras[si]):
+                v.objects += [Waypoint(name, uv * v.lb.scale + np.asarray(v.lb.offset), pc, Rc) for name, uv, pc, Rc
+                              in view_waypoints(ep.action, t, f.K, f.cam2world, f.image.shape[:2], cam, self.traj)]
             target = self.tok.encode_trajectory([v.objects for v in views])
         return views, prompt, target, ep.state[t], actions, is_pad
-
-    def _waypoints(self, action, t, frames, views, cams):
-        """Future ee poses action[t + every*(k+1) - 1] (clamped at the end) in each camera frame."""
-        steps = np.minimum(t + self.traj.every * np.arange(1, self.traj.count + 1) - 1, len(action) - 1)
-        for f, v, cam in zip(frames, views, cams):
-            own = "left" if "left" in cam else "right" if "right" in cam else None
-            Rcw, tcw = f.cam2world[:3, :3], f.cam2world[:3, 3]
-            for arm, pos, quat in ARMS:
-                if own is not None and arm != own:
-                    continue
-                Rw = quat_to_matrix(action[steps, quat])  # (k, 3, 3)
-                pw = action[steps, pos] + Rw @ np.asarray(self.traj.tcp_offset, float)  # (k, 3)
-                pc = (pw - tcw) @ Rcw  # (k, 3) = Rcw^T (pw - tcw)
-                Rc = np.einsum("ji,kjl->kil", Rcw, Rw)  # Rcw^T @ Rw
-                uv = project(f.K, pc)
-                H, W = f.image.shape[:2]
-                if own is None and not (pc[0, 2] > 0 and 0 <= uv[0, 0] < W and 0 <= uv[0, 1] < H):
-                    continue  # head view lists an arm only if its first waypoint is in the image
-                uv = uv * v.lb.scale + np.asarray(v.lb.offset)
-                v.objects += [Waypoint(f"{arm} arm {k}", uv[k], pc[k], Rc[k]) for k in range(len(steps))]
 
     def item(self, index):
         views, prompt, target, state, actions, is_pad = self.build(index)
@@ -473,14 +478,12 @@ class Collator:
 
 
 def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persistent=True, **kwargs):
-    """A DataLoader whose workers are spawned, not forked. A forked child inherits the parent's open
-    PyAV (FFmpeg) containers, HDF5 files and EGL context with their locks, but not the threads that
-    hold them, so a worker can deadlock on its first read (a test hung this way). Spawned workers
-    start a fresh interpreter and unpickle the dataset (RobotSource drops open handles when pickled);
-    the caller's script therefore needs an `if __name__ == "__main__":` guard. `persistent` keeps the
-    workers across iterations of this loader so spawn's start-up (importing torch) is paid once; they
-    keep the dataset copy they started with, so after `dataset.set_epoch` build a new loader.
-    `kwargs` go to DataLoader (drop_last, generator, worker_init_fn, ...)."""
+    """A DataLoader with spawned, not forked, workers: a forked child inherits the parent's open PyAV,
+    HDF5 and EGL handles with their locks but not the threads holding them, and can deadlock on its
+    first read (a test hung this way). Spawned workers unpickle the dataset (RobotSource drops open
+    handles), so the caller's script needs an `if __name__ == "__main__":` guard. `persistent` keeps
+    the workers (spawn start-up paid once) with the dataset copy they started with: after
+    `dataset.set_epoch` build a new loader. `kwargs` go to DataLoader (drop_last, generator, ...)."""
     if workers > 0:
         kwargs.update(multiprocessing_context="spawn", persistent_workers=persistent)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -488,9 +491,10 @@ def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persis
 
 
 # ----------------------------------------------------------------------------- bins, drawing, CLI
-def fit_bins(paths, n_bins=2048, split="train", names=None):
-    """PoseBins from the training annotations: grounding objects (translations and sizes) and robot
-    end-effector positions seen from each camera at each episode's first frame (translations)."""
+def fit_bins(paths, n_bins=2048, split="train", names=None, traj=TrajectoryConfig(), frame_step=1):
+    """PoseBins from the training annotations (SPEC 3): grounding objects (translations and sizes) and
+    the robot trajectory waypoints as the targets list them (view_waypoints with each frame's own
+    camera pose), at every `frame_step`-th frame of each episode (1: all frames)."""
     trans, sizes = [], []
     for p in ([paths] if isinstance(paths, str) else paths):
         if detect_format(p) in GROUNDING_FORMATS:
@@ -501,10 +505,11 @@ def fit_bins(paths, n_bins=2048, split="train", names=None):
         src = open_source(p)
         for ei, ep in enumerate(src.episodes):
             for cam in src.cameras if src.ee16 else []:
-                T = src.frame(ei, 0, cam, want_depth=False).cam2world
-                if T is not None:
-                    pw = np.concatenate([ep.action[:, pos] for _, pos, _ in ARMS])  # (2T, 3)
-                    trans += list((pw - T[:3, 3]) @ T[:3, :3])
+                hw = src.frame(ei, 0, cam, want_depth=False).image.shape[:2]
+                for t in range(0, len(ep.action), frame_step):
+                    K, T = src.camera(ei, t, cam)
+                    if K is not None and T is not None:
+                        trans += [w[2] for w in view_waypoints(ep.action, t, K, T, hw, cam, traj)]
     if not trans:
         raise ValueError(f"{paths}: no object or end-effector poses to fit bins on")
     return PoseBins.fit(np.array(trans), np.array(sizes) if sizes else None, n_bins=n_bins)

@@ -1,7 +1,8 @@
 """Readers for the robot-episode formats Pose-VLA trains on in stage 2 and post-training (SPEC 9, 11).
 
 Each reader is a `RobotSource`: per-episode state/action arrays and instructions read up front,
-camera frames (`CameraFrame`: RGB, optional depth in metres, K, camera->world) read lazily.
+camera frames (`frame`: a `CameraFrame` of RGB, optional depth in metres, K, camera->world) read
+lazily; `camera` reads only K and camera->world (no image decoding, for fitting bins).
   - LeRobot v2.0 / v2.1 (one parquet + mp4 per episode) and v3.0 (episodes share files); images
     as mp4 decoded with PyAV by timestamp, or PNG bytes in the parquet; optional per-camera depth,
     intrinsics and extrinsics columns (the built-in world writes them, SPEC 9).
@@ -231,10 +232,14 @@ class LeRobotSource(RobotSource):
             k = self.depth_keys[cam]
             depth = decode_depth_png(self._cell(e["file"], k, e["row"] + t)["bytes"],
                                      f"{e['file']}: row {e['row'] + t} '{k}'", 0.001)
+        return CameraFrame(image, depth, *self.camera(ep, t, cam))
+
+    def camera(self, ep, t, cam):
+        """(K (3, 3), cam2world (4, 4)) at frame t without decoding the image; None where not recorded."""
+        e = self.episodes[ep].key
         K = e["extra"].get(f"observation.intrinsics.{cam}")
         T = e["extra"].get(f"observation.extrinsics.{cam}")
-        return CameraFrame(image, depth, None if K is None else K[t].reshape(3, 3),
-                           None if T is None else T[t].reshape(4, 4))
+        return None if K is None else K[t].reshape(3, 3), None if T is None else T[t].reshape(4, 4)
 
     def _cell(self, path, key, row):
         """One cell of an image column; the row group is cached (LRU) per worker."""
@@ -396,14 +401,8 @@ class RoboTwinSource(RobotSource):
         e = self.episodes[ep].key
         p, f, cur = e["file"], self._file(e["file"]), e["layout"] == "current"
         g = f"vision/{cam}" if cur else f"observation/{cam}"
-        rgb, intr, extr, depth_key = (("colors", "intrinsic_matrix", "extrinsics_matrix", "depths") if cur else
-                                      ("rgb", "intrinsic_cv", "extrinsic_cv", "depth"))
+        rgb, depth_key = ("colors", "depths") if cur else ("rgb", "depth")
         image = decode_image(_h5(f, f"{g}/{rgb}", p)[t], f"{p}: '{g}/{rgb}'[{t}]", bgr=True)
-        K = _matrix(f, f"{g}/{intr}", t, (3, 3), p)
-        if cur:  # camera -> world in OpenGL axes
-            ext = _matrix(f, f"{g}/{extr}", t, (4, 4), p) @ GL_TO_CV
-        else:  # world -> camera (3, 4), OpenCV axes
-            ext = np.linalg.inv(np.vstack([_matrix(f, f"{g}/{extr}", t, (3, 4), p), [0, 0, 0, 1]]))
         depth_key = f"{g}/{depth_key}"
         depth = None
         if want_depth and depth_key in f:
@@ -411,7 +410,18 @@ class RoboTwinSource(RobotSource):
             encoded = isinstance(raw, (bytes, np.bytes_)) or np.ndim(raw) == 1  # PNG bytes, else mm array
             depth = (decode_depth_png(raw, f"{p}: '{depth_key}'[{t}]", 0.001) if encoded
                      else np.asarray(raw, np.float32) / 1000.0)
-        return CameraFrame(image, depth, K, ext)
+        return CameraFrame(image, depth, *self.camera(ep, t, cam))
+
+    def camera(self, ep, t, cam):
+        """(K (3, 3), cam2world (4, 4), OpenCV axes) at frame t without decoding the image."""
+        e = self.episodes[ep].key
+        p, f = e["file"], self._file(e["file"])
+        if e["layout"] == "current":  # camera -> world in OpenGL axes
+            K = _matrix(f, f"vision/{cam}/intrinsic_matrix", t, (3, 3), p)
+            return K, _matrix(f, f"vision/{cam}/extrinsics_matrix", t, (4, 4), p) @ GL_TO_CV
+        K = _matrix(f, f"observation/{cam}/intrinsic_cv", t, (3, 3), p)  # world -> camera (3, 4), OpenCV axes
+        ext = _matrix(f, f"observation/{cam}/extrinsic_cv", t, (3, 4), p)
+        return K, np.linalg.inv(np.vstack([ext, [0, 0, 0, 1]]))
 
 
 def _instructions(value):

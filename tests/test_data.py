@@ -13,10 +13,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from test_formats import (CAM_POSES, CAMS, KV, corners, ee16, look_at, proj_box, robotwin_frame,  # noqa: E402
                           write_bop, write_lerobot, write_omni3d, write_robotwin)
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 import data  # noqa: E402
-from data import (Collator, GroundingDataset, MixtureSampler, RobotDataset, Stats, TrajectoryConfig,  # noqa: E402
-                  fit_bins, make_loader, mixture_weights, open_datasets)
+from data import (Collator, GroundingDataset, MixtureSampler, RobotDataset, Stats,  # noqa: E402
+                  TrajectoryConfig, ViewConfig, fit_bins, make_loader, mixture_weights, open_datasets)
 from tokenizer import PoseBins, PoseTokenizer, build_tiny_tokenizer, extend_tokenizer, quat_to_matrix  # noqa: E402
 
 S = 112
@@ -77,6 +79,24 @@ def test_grounding_negatives_and_determinism(omni):
     assert [v.crop for v in again.build(1)[0]] != crops
     with pytest.raises(ValueError, match="image_size 64 must equal the dataset image_size 112"):
         GroundingDataset(omni, tokenizer_for(omni, 64), S)
+
+
+def test_grounding_box_filter_in_view_pixels(omni):
+    """SPEC 6's 10 px box side holds in the letterboxed view the model sees and in source pixels."""
+    def sides(size, min_px):  # (view side, source side) of every listed box over 3 epochs
+        ds = GroundingDataset(omni, tokenizer_for(omni, size), size, neg_frac=0.0, seed=1,
+                              views=ViewConfig(min_box_px=min_px))
+        out = []
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            out += [min(o.box2d[2] - o.box2d[0], o.box2d[3] - o.box2d[1]) / np.r_[1, v.lb.scale]
+                    for i in range(len(ds)) for v in ds.build(i)[0] for o in v.objects]
+        return np.array(out).reshape(-1, 2)
+    for size in (32, 448):  # the 160x120 source shrunk ~5x, and enlarged ~3x
+        s = sides(size, 10.0)
+        assert len(s) > 0 and np.all(s >= 10.0 - 1e-6), size
+    s = sides(32, 0.0)  # boxes a source-pixel filter alone would keep are too small in the view
+    assert np.any((s[:, 1] >= 10) & (s[:, 0] < 10))
 
 
 def test_grounding_bop(tmp_path):
@@ -141,6 +161,46 @@ def test_robot_chunk_padding_and_waypoints(lerobot):
     assert ds.build(i)[0][0].objects == []
     item = ds[i]
     assert item["state"].shape == (16,) and item["actions"].shape == (4, 16) and item["has_depth"].all()
+
+
+def follow_hands(root):
+    """Rewrite the fixture's wrist extrinsics so each wrist camera moves with its hand: the left one
+    sits 4.5 cm ahead of the hand looking back (-x) while the hand moves +x, so later waypoints pass
+    behind it; the right one looks down at its hand from behind."""
+    path = os.path.join(root, "data", "chunk-000", "file-000.parquet")
+    table = pq.read_table(path)
+    act = np.array(table.column("action").to_pylist())
+    poses = {"left_wrist": [look_at(a[:3] + [0.045, 0, 0], a[:3] + [-1, 0, 0]) for a in act],
+             "right_wrist": [look_at(a[8:11] + [0, -0.1, 0.1], a[8:11] + [0, 0.1, -0.1]) for a in act]}
+    for cam, T in poses.items():
+        key = f"observation.extrinsics.{cam}"
+        col = pa.array([m.ravel().tolist() for m in T], pa.list_(pa.float32()))
+        table = table.set_column(table.column_names.index(key), key, col)
+    pq.write_table(table, path, row_group_size=4)
+
+
+def test_wrist_waypoints_follow_the_camera_and_bins_fit_the_targets(lerobot):
+    follow_hands(lerobot)
+    traj = TrajectoryConfig(every=2, count=3)
+    tok = PoseTokenizer(PoseBins.fit(np.random.default_rng(0).normal(size=(50, 3))), 64)
+    ds = RobotDataset(lerobot, 64, pose_tokenizer=tok, trajectory=True, traj=traj)
+    listed, names = {1: [], 3: []}, set()
+    for i, (_, ei, t) in enumerate(ds.index):
+        views = ds.build(i)[0]
+        for v in views:
+            for w in v.objects:  # in front of the camera, anchored at its own projection
+                assert w.t[2] >= traj.min_depth
+                np.testing.assert_allclose(w.uv, (KV @ w.t)[:2] / w.t[2] + [0, 8], atol=1e-5)
+        names.add(tuple(w.name for w in views[1].objects))
+        for step in listed:
+            if t % step == 0:
+                listed[step] += [w.t for v in views for w in v.objects]
+    # behind the left wrist camera: dropped, the others keep their index k
+    assert ("left arm 0", "left arm 1") in names and ("left arm 0", "left arm 1", "left arm 2") in names
+    for step, trans in listed.items():  # the bins are percentiles of exactly the listed translations
+        got, want = fit_bins(lerobot, n_bins=16, traj=traj, frame_step=step), PoseBins.fit(np.array(trans), n_bins=16)
+        for kind in PoseBins.KINDS:
+            np.testing.assert_allclose(getattr(got, kind), getattr(want, kind), atol=1e-6)
 
 
 def test_robot_missing_intrinsics_for_trajectory(lerobot):
