@@ -1,0 +1,160 @@
+"""Post-training (SPEC section 6; paper Sec. III-D): fit the flow-matching action expert to one robot.
+
+Flow matching only, on the target robot's demonstrations. State and actions are z-scored with
+statistics of the training data (data.Stats), saved as stats.json in every checkpoint next to
+recipe.json (cameras, chunk, stride, layout), so evaluation sees the robot exactly as training did.
+
+    python posttrain.py --robot tabletop --init runs/pretrain_motion --out runs/post_tabletop
+    python posttrain.py --robot tabletop --out runs/post_no_pose      # "without pose pre-training"
+    python posttrain.py --robot robotwin --data /data/robotwin/place_shoe --init CKPT --config paligemma-3b
+
+Without --init the policy starts from the plain VLM (--vlm DIR, or random for the tiny config):
+the paper's baseline without pose pre-training. With --init, the checkpoint's weights, tokenizer
+and pose bins are used. The story: recipe -> data and statistics -> model -> loop (trainer.py).
+"""
+import argparse
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from data import Collator, RobotDataset, Stats, fit_bins, open_source
+from formats import detect_format
+from model import build_model, load_checkpoint
+from tokenizer import PoseBins
+from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, check_checkpoint, config_name, parse_args,
+                     resolve_checkpoint, seed_everything, set_trainable, setup_distributed, train,
+                     train_config, wrap)
+
+
+@dataclass
+class Recipe:
+    """How the policy sees one embodiment."""
+    robot: str
+    cameras: tuple | None  # view order; dataset names or robot_formats.CAMERA_ALIASES keys; None = the dataset's
+    state_dim: int | None  # expected widths (None = whatever the dataset has)
+    action_dim: int | None
+    chunk: int = 16        # actions predicted per inference (model.cfg.action_horizon)
+    stride: int = 1        # dataset frames between chunk steps
+    batch_size: int = 32
+    steps: int = 30_000
+
+
+RECIPES = {
+    # The built-in world at 10 Hz: 16 steps = 1.6 s; sized for a CPU run.
+    "tabletop": Recipe("tabletop", ("head", "left_wrist", "right_wrist"), 16, 16, 16, 1, 8, 1500),
+    # SPEC 6: 16-dim ee actions [l_xyz, l_quat, l_grip, r_xyz, r_quat, r_grip], chunk 16, every 3rd
+    # frame, 3 cameras, batch 32, 80k steps.
+    "robotwin": Recipe("robotwin", ("head", "left_wrist", "right_wrist"), 16, 16, 16, 3, 32, 80_000),
+    # LIBERO (SPEC 11): 8-dim state (eef pos, axis-angle, 2 fingers), 7-dim delta actions; the
+    # agentview and wrist cameras ('image', 'wrist_image' in the LeRobot conversions).
+    "libero": Recipe("libero", ("head", "right_wrist"), 8, 7, 16, 1, 32, 30_000),
+    # Any LeRobot dataset: its own cameras and widths.
+    "lerobot": Recipe("lerobot", None, None, None, 16, 1, 32, 30_000),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Pose-VLA post-training: flow matching on one robot's demonstrations. "
+                                            "--steps/--batch-size default to the robot's recipe.")
+    p.add_argument("--robot", default=None, choices=sorted(RECIPES), help="embodiment recipe (required)")
+    p.add_argument("--data", default=None,
+                   help="comma-separated LeRobot/RoboTwin datasets (tabletop default: built-in demos, generated on first use)")
+    p.add_argument("--eval-data", default=None, help="comma-separated held-out datasets (tabletop default: built-in val)")
+    p.add_argument("--init", default=None, help="pre-trained checkpoint (omit: start from the plain VLM)")
+    p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
+    add_train_args(p, steps=None, batch_size=None, lr=None, warmup=50, eval_every=250, save_every=250)
+    return p
+
+
+def split_paths(text):
+    return [p for p in (text or "").split(",") if p]
+
+
+def check_start(args):
+    """Flags and files, checked before any data generation or training."""
+    if args.robot is None:
+        raise ValueError(f"--robot is required: one of {sorted(RECIPES)}")
+    if args.robot != "tabletop" and not args.data:
+        raise ValueError(f"--robot {args.robot} needs --data PATH (only tabletop has built-in demonstrations)")
+    for path in split_paths(args.data) + split_paths(args.eval_data):
+        if detect_format(path) not in ("lerobot", "robotwin"):
+            raise ValueError(f"{path}: is {detect_format(path)} data; post-training needs LeRobot or RoboTwin episodes")
+    if args.init:
+        check_checkpoint(args.init, args.config)
+    if args.resume:  # a post-training checkpoint carries its normalisation statistics
+        check_checkpoint(args.resume, args.config, need=("stats.json",))
+    if args.config == "paligemma-3b" and not (args.vlm or args.init or args.resume):
+        raise ValueError("--config paligemma-3b needs --vlm DIR (a local google/paligemma-3b-pt-224)")
+
+
+def sources(paths, recipe):
+    """Open the datasets and check their widths against the recipe."""
+    srcs = [open_source(p) for p in paths]
+    for s in srcs:
+        for key, want in (("state", recipe.state_dim), ("action", recipe.action_dim)):
+            have = s.episodes[0].state.shape[1] if key == "state" else s.episodes[0].action.shape[1]
+            if want is not None and have != want:
+                raise ValueError(f"{s.path}: {key} has {have} dims; the {recipe.robot} recipe expects {want}")
+    return srcs
+
+
+def fit_stats(srcs):
+    """z-scoring statistics over every training episode of every dataset."""
+    return Stats.compute(np.concatenate([e.state for s in srcs for e in s.episodes]),
+                         np.concatenate([e.action for s in srcs for e in s.episodes]))
+
+
+def model_for(args, paths):
+    """--resume, --init, or the plain VLM. Flow-only training emits no pose tokens, but the vocabulary
+    needs bins: fitted from end-effector poses when the data has them, else a generic tabletop range."""
+    ckpt = args.resume or (args.init and resolve_checkpoint(args.init))
+    if ckpt:
+        return load_checkpoint(ckpt)
+    seed_everything(args.seed)
+    try:
+        bins = fit_bins(paths, n_bins=256)
+    except ValueError:
+        bins = PoseBins(np.linspace(-1.0, 1.0, 257), np.linspace(0.0, 2.0, 257), np.linspace(0.0, 1.0, 257))
+    model, tok = build_model(args.config or "tiny", bins, vlm_path=args.vlm)
+    return model, tok, bins
+
+
+def main(argv=None):
+    args = parse_args(build_parser, argv, need=("stats.json",))
+    check_start(args)
+    recipe = RECIPES[args.robot]
+    args.steps, args.batch_size = args.steps or recipe.steps, args.batch_size or recipe.batch_size
+    d = setup_distributed()
+    args.out = args.out or os.path.join("runs", f"posttrain_{args.robot}")
+    paths = split_paths(args.data) or builtin_demos(args.cache, "train", d)
+    eval_paths = split_paths(args.eval_data) or ([] if args.data else builtin_demos(args.cache, "val", d))
+    srcs = sources(paths, recipe)
+    stats = Stats.load(os.path.join(args.resume, "stats.json")) if args.resume else fit_stats(srcs)
+    model, tok, bins = model_for(args, paths)
+    args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
+    model.cfg.action_horizon = recipe.chunk
+    cameras = recipe.cameras or srcs[0].cameras[:model.cfg.n_views]
+    if len(cameras) > model.cfg.n_views:
+        raise ValueError(f"the {recipe.robot} recipe uses {len(cameras)} cameras; the model has {model.cfg.n_views} views")
+    kw = dict(image_size=model.cfg.image_size, chunk=recipe.chunk, stride=recipe.stride, cameras=cameras,
+              stats=stats, seed=args.seed)
+    train_ds = RobotDataset(paths, **kw)
+    eval_ds = RobotDataset(eval_paths, **kw) if eval_paths else None
+    cfg = train_config(args)
+    set_trainable(model, cfg)
+    net = wrap(model, cfg, d)
+    info = {"robot": recipe.robot, "cameras": list(train_ds.cameras[0]), "chunk": recipe.chunk,
+            "stride": recipe.stride, "state_dim": int(srcs[0].episodes[0].state.shape[1]),
+            "action_dim": int(srcs[0].episodes[0].action.shape[1]), "image_size": model.cfg.image_size,
+            "stage": "posttrain"}
+    run = Run(model, tok, bins, args.out, vars(args),
+              {"recipe.json": info, "stats.json": {"state": stats.state, "action": stats.action}})
+    last = train(run, net, train_ds, Collator(tok, max_dim=model.cfg.max_dim), cfg, d, eval_ds, resume=args.resume)
+    if d.main:
+        print(f"done: {last}")
+    return run
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Pose pre-training (SPEC section 6; paper Sec. III-C): the VLM learns to write 3D pose tuples.
+
+Stage 1, `--stage grounding`: next-token prediction of object pose tuples on 3D datasets (Omni3D
+JSON or BOP; each image becomes three pseudo-views, data.GroundingDataset), mixed with weights
+n^0.43. Stage 2, `--stage motion`: from a stage-1 checkpoint, trajectory pose tuples (future
+end-effector waypoints in each camera's frame, NTP) plus flow matching on the same robot batches,
+the action loss weighted x10.
+
+    python pretrain.py                      # tiny model, stage 1 on the built-in tabletop scenes
+    python pretrain.py --stage motion --init runs/pretrain_grounding
+    torchrun --nproc_per_node=8 pretrain.py --config paligemma-3b --vlm DIR --data A,B,C --fsdp ...
+
+The story: flags -> data (built-in scenes generated on first use) -> bins -> model -> loop
+(trainer.py) -> for stage 1, decoded pose tuples next to the truth and an overlay PNG.
+"""
+import argparse
+import os
+
+import numpy as np
+from PIL import Image
+
+from data import Collator, View, draw, fit_bins, open_datasets
+from formats import detect_format
+from model import build_model, load_checkpoint
+from tokenizer import ObjectPose, PoseTokenizer, quat_to_matrix
+from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint,
+                     config_name, parse_args, resolve_checkpoint, seed_everything, set_trainable, setup_distributed, to_device,
+                     train, train_config, wrap)
+
+MAX_NEW_TOKENS = 200  # a few tuples of ~16 tokens in each of 3 views
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Pose-VLA pose pre-training: stage 1 grounding, stage 2 motion.")
+    p.add_argument("--stage", default="grounding", choices=["grounding", "motion"],
+                   help="grounding: object pose tuples; motion: waypoint tuples + flow matching (x10)")
+    p.add_argument("--data", default=None,
+                   help="comma-separated dataset paths (grounding: Omni3D/BOP; motion: LeRobot/RoboTwin); "
+                        "default: the built-in tabletop data, generated into --cache on first use")
+    p.add_argument("--eval-data", default=None, help="comma-separated held-out datasets (default: built-in val split)")
+    p.add_argument("--init", default=None, help="checkpoint to start from (required for --stage motion)")
+    p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
+    p.add_argument("--n-bins", type=int, default=256,
+                   help="pose bins per quantity, fitted on the training data (paper: 2048)")
+    p.add_argument("--stride", type=int, default=1, help="motion: frames between chunk steps (RoboTwin: 3)")
+    p.add_argument("--show", type=int, default=3, help="grounding: held-out samples printed and drawn at the end")
+    add_train_args(p, steps=1500, batch_size=8, lr=None, warmup=50, eval_every=250, save_every=250)
+    return p
+
+
+def check_start(args):
+    """Everything that can be wrong with the flags or files, before any data or training time."""
+    if args.stage == "motion" and not (args.init or args.resume):
+        raise ValueError("--stage motion continues from a stage-1 checkpoint: pass --init CKPT")
+    for flag in ("steps", "batch_size", "save_every", "keep", "log_every"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for path in split_paths(args.data) + split_paths(args.eval_data):
+        detect_format(path)  # raises FileNotFoundError / ValueError naming the path
+    for ckpt in (args.init, args.resume):
+        if ckpt:
+            check_checkpoint(ckpt, args.config)
+    if args.config == "paligemma-3b" and not (args.vlm or args.init or args.resume):
+        raise ValueError("--config paligemma-3b needs --vlm DIR (a local google/paligemma-3b-pt-224)")
+
+
+def split_paths(text):
+    return [p for p in (text or "").split(",") if p]
+
+
+def data_paths(args, d):
+    """(train paths, held-out paths); the built-in tabletop data when --data is not given."""
+    if args.data:
+        return split_paths(args.data), split_paths(args.eval_data)
+    make = builtin_grounding if args.stage == "grounding" else builtin_demos
+    as_list = lambda x: x if isinstance(x, list) else [x]  # noqa: E731
+    return as_list(make(args.cache, "train", d)), split_paths(args.eval_data) or as_list(make(args.cache, "val", d))
+
+
+def model_for(args, train_paths):
+    """From --resume, --init, or fresh (bins fitted on the training data, weights from --vlm or random)."""
+    ckpt = args.resume or (args.init and resolve_checkpoint(args.init))
+    if ckpt:
+        return load_checkpoint(ckpt)
+    seed_everything(args.seed)
+    bins = fit_bins(train_paths, n_bins=args.n_bins)
+    model, tok = build_model(args.config or "tiny", bins, vlm_path=args.vlm)
+    return model, tok, bins
+
+
+def datasets(args, paths, eval_paths, pose_tok, cfg):
+    kw = dict(pose_tokenizer=pose_tok, image_size=cfg.image_size, seed=args.seed)
+    if args.stage == "grounding":
+        kw["n_views"] = cfg.n_views
+    else:
+        kw.update(chunk=cfg.action_horizon, stride=args.stride, trajectory=True, stats="auto")
+    kind = "grounding" if args.stage == "grounding" else "robot"
+    train_ds = open_datasets(paths, kind, **kw)
+    eval_ds = open_datasets(eval_paths, kind, **kw) if eval_paths else None
+    return train_ds, eval_ds
+
+
+def recipe(args, train_ds, cfg):
+    """recipe.json: how this checkpoint sees the world (the views it was trained on)."""
+    if args.stage == "grounding":
+        return {"robot": None, "cameras": ["head", "left_wrist", "right_wrist"][:cfg.n_views], "chunk": None,
+                "stride": None, "state_dim": None, "action_dim": None, "image_size": cfg.image_size,
+                "stage": "grounding"}
+    src = train_ds.sources[0]
+    return {"robot": "tabletop" if not args.data else detect_format(src.path), "cameras": train_ds.cameras[0],
+            "chunk": cfg.action_horizon, "stride": args.stride, "state_dim": int(src.episodes[0].state.shape[1]),
+            "action_dim": int(src.episodes[0].action.shape[1]), "image_size": cfg.image_size, "stage": "motion"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoded tuples: evaluation metrics and the final report
+
+def decode_samples(model, tok, pose_tok, ds, indices, device):
+    """Greedy pose text for held-out samples: list of (views with truth, prompt, target, text, Decoded)."""
+    ds.set_epoch(0)
+    batch = Collator(tok)([ds[i] for i in indices])
+    batch = to_device({k: v for k, v in batch.items() if k not in ("label_ids", "label_mask")}, device)
+    model.eval()
+    ids = model.generate(batch, max_new_tokens=MAX_NEW_TOKENS)
+    model.train()
+    out = []
+    for i, text in zip(indices, tok.batch_decode(ids, skip_special_tokens=True)):
+        views, prompt, target = ds.build(i)
+        out.append((views, prompt, target, text, pose_tok.decode(text, n_views=len(views))))
+    return out
+
+
+def match(truth, pred):
+    """Greedy one-to-one pairs (truth ObjectPose, predicted DecodedTuple): same name, nearest t."""
+    pairs, free = [], list(pred)
+    for o in truth:
+        same = [p for p in free if p.name == o.name]
+        if same:
+            best = min(same, key=lambda p: np.linalg.norm(p.t - o.t))
+            free.remove(best)
+            pairs.append((o, best))
+    return pairs
+
+
+def tuple_errors(samples):
+    """Recall of true tuples, median translation error (cm) and rotation error (deg) of matches."""
+    trans, rot, n_true, rejected = [], [], 0, 0
+    for views, _, _, _, dec in samples:
+        rejected += dec.n_rejected
+        for v, pred in zip(views, dec.views):
+            n_true += len(v.objects)
+            for o, p in match(v.objects, pred):
+                trans.append(100 * np.linalg.norm(p.t - o.t))
+                cos = (np.trace(np.asarray(o.R).T @ quat_to_matrix(p.quat)) - 1) / 2
+                rot.append(np.degrees(np.arccos(np.clip(cos, -1, 1))))
+    nan = float("nan")
+    return {"eval_recall": len(trans) / max(n_true, 1), "eval_trans_err_cm": float(np.median(trans)) if trans else nan,
+            "eval_rot_err_deg": float(np.median(rot)) if rot else nan, "eval_rejected": rejected}
+
+
+def report(samples, size, path):
+    """Print decoded tuples next to the truth; save truth (top) over prediction (bottom) per sample."""
+    fmt = lambda a: "(" + ", ".join(f"{x:+.3f}" for x in np.asarray(a)) + ")"  # noqa: E731
+    panels = []
+    for views, prompt, target, text, dec in samples:
+        print(f"\n== {prompt!r}  ({dec.n_rejected} fragments rejected)")
+        for i, (v, pred) in enumerate(zip(views, dec.views)):
+            for o in v.objects:
+                print(f"  view {i} truth     {o.name:<16} t={fmt(o.t)} size={fmt(o.size)}")
+            for p in pred:
+                print(f"  view {i} predicted {p.name:<16} t={fmt(p.t)} size={fmt(p.size)} rpy={fmt(p.euler)}")
+        guessed = [View(v.lb, v.crop, [ObjectPose(p.name, (*p.anchor, *p.anchor), p.t, p.size, quat_to_matrix(p.quat))
+                                       for p in pred if p.size is not None]) for v, pred in zip(views, dec.views)]
+        panels += [draw(views, f"truth: {prompt} -> {target}", size), draw(guessed, f"predicted: {text}", size)]
+    canvas = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)))
+    y = 0
+    for p in panels:
+        canvas.paste(p, (0, y))
+        y += p.height
+    canvas.save(path)
+    print(f"\nwrote {path}: truth (top) and predicted (bottom) 3D boxes per held-out sample")
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(build_parser, argv)
+    check_start(args)
+    d = setup_distributed()
+    args.out = args.out or os.path.join("runs", f"pretrain_{args.stage}")
+    train_paths, eval_paths = data_paths(args, d)
+    model, tok, bins = model_for(args, train_paths)
+    args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
+    cfg = train_config(args)
+    cfg.action_weight = 10.0 if args.stage == "motion" else 1.0  # SPEC 6: action loss x10 in stage 2
+    pose_tok = PoseTokenizer(bins, model.cfg.image_size)
+    train_ds, eval_ds = datasets(args, train_paths, eval_paths, pose_tok, model.cfg)
+    set_trainable(model, cfg)
+    net = wrap(model, cfg, d)
+    run = Run(model, tok, bins, args.out, vars(args), {"recipe.json": recipe(args, train_ds, model.cfg)})
+    show = []  # held-out samples to decode, spread over the evaluation set
+    if eval_ds is not None and args.stage == "grounding" and args.show > 0:
+        show = sorted({int(i) for i in np.linspace(0, len(eval_ds) - 1, args.show)})
+
+    def extra_eval(run, d):  # decoded-tuple errors (rank 0; FSDP shards cannot generate alone)
+        if not show or not d.main or cfg.fsdp:
+            return {}
+        return tuple_errors(decode_samples(model, tok, pose_tok, eval_ds, show, d.device))
+
+    last = train(run, net, train_ds, Collator(tok), cfg, d, eval_ds, extra_eval, resume=args.resume)
+    if d.main:
+        print(f"done: {last}")
+        if show and not cfg.fsdp:
+            report(decode_samples(model, tok, pose_tok, eval_ds, show, d.device), model.cfg.image_size,
+                   os.path.join(args.out, "overlay.png"))
+    return run
+
+
+if __name__ == "__main__":
+    main()

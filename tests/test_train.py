@@ -1,0 +1,209 @@
+"""pretrain.py / posttrain.py / trainer.py on tiny configurations and small built-in data.
+
+The data are written by sim_export into tmp_path (few scenes and episodes, small images); every run
+is the real script's main() or the script itself in a subprocess (Ctrl-C, torchrun)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import posttrain
+import pretrain
+import sim_export
+from data import Stats
+from model import load_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--batch-size", "4", "--warmup", "2", "--log-every", "1", "--workers", "0", "--eval-every", "0"]
+
+
+def log(run_dir, key="loss"):
+    with open(os.path.join(run_dir, "train_log.jsonl")) as f:
+        return [(r["step"], r[key]) for r in map(json.loads, f) if key in r]
+
+
+def falls(values, k=3):
+    return sum(values[-k:]) / k < sum(values[:k]) / k
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    paths = {"g": str(root / "ground"), "gv": str(root / "ground_val"), "d": str(root / "demos"),
+             "dv": str(root / "demos_val")}
+    sim_export.write_grounding(paths["g"], 6, seed=0, image_size=96, views_per_scene=2)
+    sim_export.write_grounding(paths["gv"], 1, seed=9, image_size=96, views_per_scene=1)
+    sim_export.write_demos(paths["d"], "pick", 2, "clean", seed=0, image_size=48)
+    sim_export.write_demos(paths["dv"], "pick", 1, "clean", seed=50, image_size=48)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def stage1(data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "grounding")
+    pretrain.main(["--data", data["g"], "--eval-data", data["gv"], "--out", out, "--steps", "14",
+                   "--save-every", "7", "--eval-every", "14", "--show", "1", *FAST[:-2], "--n-bins", "64"])
+    return out
+
+
+def test_pretrain_then_posttrain_end_to_end(stage1, data, tmp_path):
+    losses = [v for _, v in log(stage1)]
+    assert len(losses) == 14 and falls(losses)
+    assert [os.path.basename(p) for p in sorted(os.listdir(stage1)) if p.startswith("step_")] == \
+        ["step_000007", "step_000014"]
+    assert os.path.isfile(os.path.join(stage1, "overlay.png"))
+    evals = log(stage1, "eval_recall")
+    assert evals and 0.0 <= evals[-1][1] <= 1.0
+    with open(os.path.join(stage1, "step_000014", "recipe.json")) as f:
+        assert json.load(f)["stage"] == "grounding"
+
+    motion = str(tmp_path / "motion")
+    pretrain.main(["--stage", "motion", "--init", stage1, "--data", data["d"], "--eval-data", data["dv"],
+                   "--out", motion, "--steps", "10", *FAST[:-2], "--eval-every", "10"])
+    rows = log(motion)
+    assert len(rows) == 10 and falls([v for _, v in rows])
+    assert {"ntp_loss", "flow_loss"} <= set(json.loads(open(os.path.join(motion, "train_log.jsonl")).readline()))
+    assert log(motion, "eval_flow_loss")
+
+    post = str(tmp_path / "post")
+    posttrain.main(["--robot", "tabletop", "--init", motion, "--data", data["d"], "--out", post,
+                    "--steps", "12", *FAST])
+    flow = [v for _, v in log(post, "flow_loss")]
+    assert len(flow) == 12 and falls(flow)
+    assert not log(post, "ntp_loss")  # flow matching only
+    ckpt = os.path.join(post, "step_000012")
+    stats = Stats.load(os.path.join(ckpt, "stats.json"))
+    assert len(stats.state["mean"]) == 16 and len(stats.action["std"]) == 16
+    with open(os.path.join(ckpt, "recipe.json")) as f:
+        recipe = json.load(f)
+    assert recipe == {"robot": "tabletop", "cameras": ["head", "left_wrist", "right_wrist"], "chunk": 16,
+                      "stride": 1, "state_dim": 16, "action_dim": 16, "image_size": 112, "stage": "posttrain"}
+    model, tok, bins = load_checkpoint(ckpt)
+    assert bins.n_bins == 64 and model.cfg.action_horizon == 16
+
+
+def script(name, *args):
+    return [sys.executable, os.path.join(REPO, name), *args]
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(stage1, data, tmp_path):
+    args = ["--stage", "motion", "--init", stage1, "--data", data["d"], "--steps", "12", "--save-every", "100",
+            *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    subprocess.run(script("pretrain.py", *args, "--out", whole), check=True, env=env, cwd=REPO,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(script("pretrain.py", *args, "--out", parts), env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = os.path.join(parts, "train_log.jsonl")
+    while proc.poll() is None and not (os.path.exists(log_path) and len(open(log_path).readlines()) >= 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, write a checkpoint, exit
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    (stopped,) = [p for p in os.listdir(parts) if p.startswith("step_")]
+    assert 3 <= int(stopped[5:]) < 12
+    subprocess.run(script("pretrain.py", "--resume", parts), check=True, env=env, cwd=REPO,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert log(parts) == log(whole) and len(log(whole)) == 12
+    assert log(parts, "flow_loss") == log(whole, "flow_loss")
+
+
+DRIVER = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import posttrain
+run = posttrain.main(sys.argv[1:])
+torch.save(run.model.state_dict(), os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+"""
+
+
+def test_torchrun_two_processes_keep_replicas_identical(data, tmp_path):
+    out = str(tmp_path / "ddp")
+    os.makedirs(out)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=REPO, out=out))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           "--robot", "tabletop", "--data", data["d"], "--eval-data", data["dv"], "--out", out, "--steps", "3",
+           "--batch-size", "2", "--log-every", "1", "--workers", "0"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = load_file(os.path.join(out, "step_000003", "model.safetensors"))
+    assert all(torch.equal(saved[k], a[k]) for k in saved)
+    assert [s for s, _ in log(out)] == [1, 2, 3] and [s for s, _ in log(out, "eval_flow_loss")] == [3]
+    state = torch.load(os.path.join(out, "step_000003", "train_state.pt"), weights_only=False)
+    assert state["world"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # own flow noise per process
+
+
+def test_bad_arguments_and_checkpoints_fail_at_start(stage1, data, tmp_path):
+    out = str(tmp_path / "never")
+    cases = [
+        (pretrain, ["--data", str(tmp_path / "missing")], FileNotFoundError, "missing: path not found"),
+        (pretrain, ["--stage", "motion", "--data", data["d"]], ValueError, "--init"),
+        (pretrain, ["--init", str(tmp_path / "nope")], FileNotFoundError, "checkpoint directory not found"),
+        (pretrain, ["--init", stage1, "--config", "paligemma-3b"], ValueError, "another configuration"),
+        (pretrain, ["--steps", "0", "--data", data["g"]], ValueError, "--steps must be >= 1"),
+        (posttrain, ["--data", data["d"]], ValueError, "--robot is required"),
+        (posttrain, ["--robot", "robotwin"], ValueError, "needs --data"),
+        (posttrain, ["--robot", "tabletop", "--data", data["g"]], ValueError, "post-training needs LeRobot"),
+        (posttrain, ["--robot", "libero", "--data", data["d"]], ValueError, "expects 8"),
+        (pretrain, ["--resume", stage1, "--batch-size", "2"], ValueError, "differs from the run's 4"),
+    ]
+    for module, argv, error, text in cases:
+        with pytest.raises(error, match=text.replace("(", r"\(")):
+            module.main([*argv, "--out", out])
+    assert not os.path.exists(out)
+    with pytest.raises(SystemExit):  # argparse: unknown robot
+        posttrain.main(["--robot", "mars"])
+    broken = tmp_path / "broken"
+    shutil.copytree(os.path.join(stage1, "step_000014"), broken)
+    os.remove(broken / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+        pretrain.main(["--init", str(broken), "--out", out])
+    shutil.copy(os.path.join(stage1, "step_000014", "model.safetensors"), broken)
+    with pytest.raises(FileNotFoundError, match="missing stats.json"):  # no normalisation statistics
+        posttrain.main(["--robot", "tabletop", "--data", data["d"], "--resume", str(broken), "--out", out])
+    assert not os.path.exists(out)
+
+
+def test_fsdp_two_processes_train_save_and_resume(data, tmp_path):
+    out = str(tmp_path / "fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "posttrain.py"), "--robot", "tabletop", "--data", data["d"], "--out", out,
+           "--steps", "3", "--save-every", "2", "--batch-size", "2", "--log-every", "1", "--workers", "0", "--fsdp",
+           "--grad-checkpointing"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    load_checkpoint(os.path.join(out, "step_000003"))  # full (unsharded) weights
+    again = str(tmp_path / "again")
+    res = subprocess.run(cmd[:5] + [os.path.join(REPO, "posttrain.py"), "--resume", os.path.join(out, "step_000002"),
+                                    "--out", again], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert log(again) == log(out)
+
+
+def test_trainable_switches(data):
+    import numpy as np
+    from model import build_model
+    from tokenizer import PoseBins
+    from trainer import TrainConfig, set_trainable
+    bins = PoseBins(np.linspace(-1, 1, 9), np.linspace(0, 2, 9), np.linspace(0, 1, 9))
+    model, _ = build_model("tiny", bins)
+    set_trainable(model, TrainConfig(freeze_vision=True))
+    assert not any(p.requires_grad for p in model.vlm.model.vision_tower.parameters())
+    assert all(p.requires_grad for p in model.lm.parameters())
+    set_trainable(model, TrainConfig(train_expert_only=True))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("expert_", "state_proj", "action_")) for n in names)
