@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -224,13 +225,52 @@ def run_tabletop(args, policy, results):
 
 
 # ----------------------------------------------------------------------------- grounding
-def grounding_pairs(decoded, views):
-    """Per view: (predicted Boxes, ground-truth Boxes) for metrics.evaluate."""
+def scored_decode(text_tok, pose_tok, ids, logps, n_views):
+    """Generated ids -> (Decoded, per-view lists of scores): each tuple scored by the mean
+    log-probability of its tokens, so AP can rank detections by the model's confidence. A tuple is
+    the tokens between separators (`;`, view markers, eos), each parsed on its own."""
+    from tokenizer import Decoded
+    out = Decoded(views=[[] for _ in range(n_views)], negative=[False] * n_views)
+    scores = [[] for _ in range(n_views)]
+    view, frag, frag_lp = None, [], []
+
+    def close():
+        if frag and view is not None and 0 <= view < n_views:
+            text = text_tok.decode(frag, skip_special_tokens=True)
+            d = pose_tok.decode(f"<image{view}>{text}</image{view}>", n_views=n_views)
+            out.views[view] += d.views[view]
+            scores[view] += [float(np.mean(frag_lp))] * len(d.views[view])
+            out.negative[view] |= d.negative[view]
+            out.n_rejected += d.n_rejected
+        frag.clear(), frag_lp.clear()
+
+    for i, lp in zip(ids, logps):
+        i, piece = int(i), text_tok.convert_ids_to_tokens(int(i))
+        marker = re.fullmatch(r"<(/?)image(\d+)>", piece or "")
+        if marker or i == text_tok.eos_token_id:
+            close()
+            view = None if (marker is None or marker.group(1)) else int(marker.group(2))
+            if i == text_tok.eos_token_id:
+                break
+            continue
+        frag.append(i)
+        frag_lp.append(float(lp))
+        if ";" in text_tok.decode([i]):
+            close()
+    close()
+    return out, scores
+
+
+def grounding_pairs(decoded, views, scores=None):
+    """Per view: (predicted Boxes, ground-truth Boxes) for metrics.evaluate. scores: per view, one
+    confidence per decoded tuple (scored_decode); without them every prediction ranks equally."""
     from metrics import Box
     from tokenizer import quat_to_matrix
     pairs = []
     for v, view in enumerate(views):
-        preds = [Box(d.t, d.size, quat_to_matrix(d.quat), d.name) for d in decoded.views[v] if d.size is not None]
+        conf = scores[v] if scores is not None else [1.0] * len(decoded.views[v])
+        preds = [Box(d.t, d.size, quat_to_matrix(d.quat), d.name, score=c)
+                 for d, c in zip(decoded.views[v], conf) if d.size is not None]
         gts = [Box(o.t, o.size, o.R, o.name) for o in view.objects]
         pairs.append((preds, gts))
     return pairs
@@ -274,10 +314,10 @@ def run_grounding(args, results):
         built = [ds.build(i) for i in idx]
         items = [{**tensors(views, size), "prompt": prompt, "target": ""} for views, prompt, _ in built]
         with torch.no_grad():
-            ids = model.generate(collate(items), max_new_tokens=args.max_new_tokens)
-        for i, (views, prompt, _), row in zip(idx, built, ids):
-            decoded = pose_tok.decode(tok.decode(row.tolist(), skip_special_tokens=True), n_views=n_views)
-            pairs += grounding_pairs(decoded, views)
+            ids, logps = model.generate(collate(items), max_new_tokens=args.max_new_tokens, return_scores=True)
+        for i, (views, prompt, _), row, row_lp in zip(idx, built, ids, logps):
+            decoded, scores = scored_decode(tok, pose_tok, row.tolist(), row_lp.tolist(), n_views)
+            pairs += grounding_pairs(decoded, views, scores)
             if i < args.overlays:
                 overlay(views, decoded, size).save(os.path.join(args.out, f"grounding_{i:04d}.png"))
             results.add(task="grounding", index=i, prompt=prompt, n_pred=sum(len(p) for p, _ in pairs[-n_views:]),

@@ -227,6 +227,38 @@ def test_grounding_pairs_of_ground_truth_text_score_perfectly():
     assert m["rot_deg"] < 2.0 and m["5deg5cm"] == 1.0
 
 
+def test_scored_decode_scores_each_tuple_by_its_tokens():
+    """Generated ids with known log-probabilities: each tuple gets the mean over its own tokens,
+    the tuples equal those of decoding the whole text, and AP ranks by those scores."""
+    from data import View
+    from metrics import evaluate
+    from model import attach_tokenizer, tiny_config
+    from tokenizer import ObjectPose, build_tiny_tokenizer
+    rng = np.random.default_rng(4)
+    bins = PoseBins.fit(rng.normal(0, 0.3, (500, 3)) + [0, 0, 0.9], rng.uniform(0.03, 0.12, (500, 3)), n_bins=64)
+    text_tok = attach_tokenizer(tiny_config(), build_tiny_tokenizer(), bins)
+    pose_tok = PoseTokenizer(bins, 112)
+    near = ObjectPose("red cube", (10, 10, 30, 30), np.array([0.1, 0.0, 0.6]), np.array([0.1, 0.06, 0.04]), np.eye(3))
+    far = ObjectPose("red cube", (50, 50, 70, 70), np.array([-0.2, 0.1, 1.2]), np.array([0.1, 0.06, 0.04]), np.eye(3))
+    text = pose_tok.encode_objects([[near, far], [far]])
+    ids = text_tok(text, add_special_tokens=False).input_ids + [text_tok.eos_token_id]
+    semis = [k for k, i in enumerate(ids) if ";" in text_tok.decode([i])]
+    logps = np.full(len(ids), -0.1)
+    logps[semis[0] + 1:semis[1] + 1] = -2.0                    # the second tuple of view 0 is uncertain
+    decoded, scores = eval_sim.scored_decode(text_tok, pose_tok, ids, logps, 2)
+    whole = pose_tok.decode(text, n_views=2)
+    for v in range(2):
+        assert [d.t.tolist() for d in decoded.views[v]] == [d.t.tolist() for d in whole.views[v]]
+    assert scores[0] == [pytest.approx(-0.1), pytest.approx(-2.0)] and scores[1] == [pytest.approx(-0.1)]
+    assert decoded.n_rejected == 0
+    # ranked by score, the confident true positive comes first: precision 1 at the first recall step
+    views = [View(None, None, [near]), View(None, None, [far])]
+    m = evaluate(eval_sim.grounding_pairs(decoded, views, scores))
+    assert m["n_matched"] == 2 and m["AP@0.25"] == pytest.approx(1.0)
+    unscored = evaluate(eval_sim.grounding_pairs(decoded, views))  # ties: one operating point, precision 2/3
+    assert unscored["AP@0.25"] < 0.7
+
+
 def test_grounding_cli_writes_metrics_and_overlays(make_ckpt, tmp_path):
     import sim_export
     data = str(tmp_path / "g_val")
