@@ -306,10 +306,13 @@ class Batches:
         self.ds.set_epoch(self.epoch)
         self.sampler.load_state_dict({"epoch": self.epoch, "start": self.consumed})
         # Own generator: creating an iterator must not draw from the global RNG (exact resume).
+        # Spawned workers: a forked child can inherit locks held by threads of pyarrow, PyAV, HDF5
+        # or an EGL context (built-in data generation) and deadlock (see data.make_loader).
         loader = torch.utils.data.DataLoader(
             self.ds, batch_size=self.cfg.batch_size, sampler=RankShard(self.sampler, self.d.rank, self.d.world),
             num_workers=self.cfg.workers, collate_fn=self.collate, drop_last=True, worker_init_fn=_worker_init,
-            generator=torch.Generator().manual_seed(self.cfg.seed), persistent_workers=False)
+            generator=torch.Generator().manual_seed(self.cfg.seed), persistent_workers=False,
+            multiprocessing_context="spawn" if self.cfg.workers > 0 else None)
         self.it = iter(loader)
 
     def __next__(self):
