@@ -276,7 +276,7 @@ def grounding_pairs(decoded, views, scores=None):
     return pairs
 
 
-def overlay(views, decoded, size):
+def overlay(views, decoded, size, truth_title="ground truth", pred_title="prediction"):
     """GT boxes (top row) and predicted boxes (bottom row), drawn by data.draw."""
     from data import View, draw
     from tokenizer import ObjectPose, quat_to_matrix
@@ -285,10 +285,16 @@ def overlay(views, decoded, size):
         objs = [ObjectPose(d.name, tuple(np.r_[d.anchor[:2], d.anchor[-2:]]), d.t, d.size, quat_to_matrix(d.quat))
                 for d in decoded.views[v] if d.size is not None]
         pred_views.append(View(view.lb, view.crop, objs))
-    top, bottom = draw(views, "ground truth", size), draw(pred_views, "prediction", size)
-    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height))
-    canvas.paste(top, (0, 0))
-    canvas.paste(bottom, (0, top.height))
+    return stack([draw(views, truth_title, size), draw(pred_views, pred_title, size)])
+
+
+def stack(images):
+    """PIL images one under the other, left-aligned."""
+    canvas = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images)))
+    y = 0
+    for im in images:
+        canvas.paste(im, (0, y))
+        y += im.height
     return canvas
 
 

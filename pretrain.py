@@ -17,12 +17,12 @@ import argparse
 import os
 
 import numpy as np
-from PIL import Image
 
-from data import Collator, View, draw, fit_bins, open_datasets
+from data import Collator, fit_bins, open_datasets
+from eval_sim import overlay, stack
 from formats import detect_format
 from model import build_model, load_checkpoint
-from tokenizer import ObjectPose, PoseTokenizer, quat_to_matrix
+from tokenizer import PoseTokenizer, quat_to_matrix
 from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint,
                      config_name, parse_args, resolve_checkpoint, seed_everything, set_trainable, setup_distributed, to_device,
                      train, train_config, wrap)
@@ -169,15 +169,8 @@ def report(samples, size, path):
                 print(f"  view {i} truth     {o.name:<16} t={fmt(o.t)} size={fmt(o.size)}")
             for p in pred:
                 print(f"  view {i} predicted {p.name:<16} t={fmt(p.t)} size={fmt(p.size)} rpy={fmt(p.euler)}")
-        guessed = [View(v.lb, v.crop, [ObjectPose(p.name, (*p.anchor, *p.anchor), p.t, p.size, quat_to_matrix(p.quat))
-                                       for p in pred if p.size is not None]) for v, pred in zip(views, dec.views)]
-        panels += [draw(views, f"truth: {prompt} -> {target}", size), draw(guessed, f"predicted: {text}", size)]
-    canvas = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)))
-    y = 0
-    for p in panels:
-        canvas.paste(p, (0, y))
-        y += p.height
-    canvas.save(path)
+        panels.append(overlay(views, dec, size, f"truth: {prompt} -> {target}", f"predicted: {text}"))
+    stack(panels).save(path)
     print(f"\nwrote {path}: truth (top) and predicted (bottom) 3D boxes per held-out sample")
 
 
