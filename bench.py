@@ -2,7 +2,7 @@
 prefix KV cache, training throughput, and the full 3B configuration's parameter count.
 
     python bench.py                      # tiny 3-view config on this machine
-    python bench.py --full --device cuda # also time the paligemma-3b config in bf16 (needs a GPU)
+    python bench.py --full --device cuda # also the paligemma-3b training recipe: step time, peak memory
 
 Timings are medians over repeats; compare ratios within one run, not across machines.
 """
@@ -92,7 +92,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=8, help="training batch for the throughput figure")
     p.add_argument("--label-len", type=int, default=64, help="pose-text label tokens per sample")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
-    p.add_argument("--full", action="store_true", help="also allocate and time paligemma-3b (GPU, bf16)")
+    p.add_argument("--full", action="store_true", help="also allocate and time paligemma-3b (GPU: fp32 weights, "
+                   "bf16 autocast, AdamW, as trainer.py trains it)")
+    p.add_argument("--full-batch", type=int, default=4, help="paligemma-3b training batch (per GPU)")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -110,10 +112,57 @@ def main():
     print(f"paligemma-3b config: VLM {vlm / 1e9:.3f}B + expert and heads "
           f"{(count_parameters(full) - vlm) / 1e9:.3f}B = {count_parameters(full) / 1e9:.3f}B parameters")
     if args.full:
-        cfg = paligemma_3b_config()
-        attach_tokenizer(cfg, tok, synthetic_bins(256))  # marker ids from the tiny tokenizer (< 257k vocab)
-        full = PoseVLA(cfg).to(torch.bfloat16)
-        bench_model(full, tok, args, device, torch.bfloat16)
+        bench_full(tok, args, device)
+
+
+def bench_full(tok, args, device):
+    """The training recipe on one GPU: fp32 weights, bf16 autocast, AdamW (trainer.py); step time
+    and peak memory for full fine-tuning with and without gradient checkpointing, and expert-only."""
+    from trainer import TrainConfig, make_optimizer, set_trainable
+    cfg = paligemma_3b_config()
+    attach_tokenizer(cfg, tok, synthetic_bins(256))  # marker ids from the tiny tokenizer (< 257k vocab)
+    with torch.device(device):
+        full = PoseVLA(cfg)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    print(f"paligemma-3b on {where}: fp32 weights, bf16 autocast")
+    full.eval()
+    batch = random_batch(full, tok, 1, args.label_len, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        cached = timed(lambda: full.sample_actions(batch), args.repeats, device)[0]
+        naive = timed(lambda: full.sample_actions(batch, use_cache=False), args.repeats, device)[0]
+    print(f"  action chunk: {1000 * cached:.1f} ms with prefix cache, {1000 * naive:.1f} ms without "
+          f"-> {naive / cached:.1f}x")
+    full.train()
+    for name, train_cfg in (("full fine-tuning", TrainConfig()),
+                            ("full fine-tuning + grad checkpointing", TrainConfig(grad_checkpointing=True)),
+                            ("--train-expert-only", TrainConfig(train_expert_only=True))):
+        for p in full.parameters():
+            p.requires_grad_(True)
+        set_trainable(full, train_cfg)
+        full.grad_checkpointing = train_cfg.grad_checkpointing
+        tower = full.vlm.model.vision_tower
+        tower.gradient_checkpointing_enable({"use_reentrant": False}) if train_cfg.grad_checkpointing \
+            else tower.gradient_checkpointing_disable()
+        opt = make_optimizer(full, train_cfg)
+        batch = random_batch(full, tok, args.full_batch, args.label_len, device)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = full(batch)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        dt = timed(step, args.repeats, device)[0]
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+        print(f"  train step, {name}, batch {args.full_batch}: {1000 * dt:.0f} ms ({args.full_batch / dt:.1f} "
+              f"samples/s), peak memory {peak:.1f} GiB")
+        opt.state.clear()
+        full.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

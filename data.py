@@ -133,12 +133,16 @@ class _Resilient(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- grounding
 class GroundingDataset(_Resilient):
-    """Pseudo multi-view grounding samples (SPEC 6, pre-training stage 1)."""
+    """Pseudo multi-view grounding samples (SPEC 6, pre-training stage 1). targets: "poses" (pose
+    tuples) or "boxes" (names and 2D boxes only: the semantic baseline of ablation.py)."""
 
     def __init__(self, paths, pose_tokenizer, image_size, n_views=3, neg_frac=0.1, seed=0,
-                 split="train", names=None, views=ViewConfig(), skip_bad=False):
+                 split="train", names=None, views=ViewConfig(), skip_bad=False, targets="poses"):
         paths = [paths] if isinstance(paths, str) else list(paths)
         _check_tokenizer(pose_tokenizer, image_size)
+        if targets not in ("poses", "boxes"):
+            raise ValueError(f"targets must be 'poses' or 'boxes', got {targets!r}")
+        self.targets = targets
         self.tok, self.size, self.n_views, self.neg_frac = pose_tokenizer, int(image_size), n_views, neg_frac
         self.seed, self.cfg, self.skip_bad = seed, views, skip_bad
         self.scenes, self.samples, self.sizes = [], [], []
@@ -178,7 +182,8 @@ class GroundingDataset(_Resilient):
             views.append(View(lb, crop, [] if negative else self._objects(mine, im.K, W, H, crop, lb)))
         if negative:
             return views, f"detect the {negative}", self.tok.encode_negative(negative, self.n_views)
-        return views, f"detect the {name}", self.tok.encode_objects([v.objects for v in views])
+        encode = self.tok.encode_objects if self.targets == "poses" else self.tok.encode_boxes
+        return views, f"detect the {name}", encode([v.objects for v in views])
 
     def _objects(self, objs, K, W, H, crop, lb):
         x0, y0, x1, y1 = crop
@@ -312,17 +317,18 @@ class RobotDataset(_Resilient):
     """Robot samples: views at frame t, state, the next `chunk` actions every `stride` frames
     (is_pad past the episode end, padded with the last action), instruction prompt, and with
     `trajectory=True` the stage-2 waypoint target. `stats`: None (raw values), a Stats applied to
-    every dataset, or "auto" (each dataset's own cached Stats)."""
+    every dataset, or "auto" (each dataset's own cached Stats). `episodes`: use only the first N
+    episodes of each dataset (few-demonstration experiments)."""
 
     def __init__(self, paths, image_size, chunk=16, stride=3, cameras=("head", "left_wrist", "right_wrist"),
                  pose_tokenizer=None, trajectory=False, stats=None, traj=TrajectoryConfig(), seed=0,
-                 skip_bad=False, cache_dir=None):
+                 skip_bad=False, cache_dir=None, episodes=None):
         paths = [paths] if isinstance(paths, str) else list(paths)
         if trajectory:
             _check_tokenizer(pose_tokenizer, image_size)
         self.size, self.chunk, self.stride, self.tok = int(image_size), chunk, stride, pose_tokenizer
         self.trajectory, self.traj, self.seed, self.skip_bad = trajectory, traj, seed, skip_bad
-        self.sources = [open_source(p) for p in paths]
+        self.sources = [open_source(p, episodes) for p in paths]
         self.cameras = [[s.resolve_camera(c) for c in cameras] for s in self.sources]
         self.stats = [source_stats(s, cache_dir) if stats == "auto" else stats for s in self.sources]
         self.index, self.sizes = [], []

@@ -196,4 +196,5 @@ class Policy:
         text = self.text_tok.decode(ids.tolist(), skip_special_tokens=True)
         decoded = self.pose_tok.decode(text, n_views=len(self.cameras))
         scale, offset = self.last_boxes[view]
-        return [(d.name, (d.anchor[:2] - offset) / scale, d.t) for d in decoded.views[view] if d.size is None]
+        return [(d.name, (d.anchor[:2] - offset) / scale, d.t) for d in decoded.views[view]
+                if d.size is None and d.t is not None]

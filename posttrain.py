@@ -20,9 +20,9 @@ import numpy as np
 
 from data import Collator, RobotDataset, Stats, fit_bins, open_source
 from formats import detect_format
-from model import build_model, load_checkpoint
+from model import load_checkpoint
 from tokenizer import PoseBins
-from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, check_checkpoint, config_name, parse_args,
+from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, check_checkpoint, config_name, fresh_model, parse_args,
                      resolve_checkpoint, seed_everything, set_trainable, setup_distributed, train,
                      train_config, wrap)
 
@@ -63,6 +63,8 @@ def build_parser():
     p.add_argument("--eval-data", default=None, help="comma-separated held-out datasets (tabletop default: built-in val)")
     p.add_argument("--init", default=None, help="pre-trained checkpoint (omit: start from the plain VLM)")
     p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="use only the first N episodes of each training dataset (few-demonstration runs)")
     add_train_args(p, steps=None, batch_size=None, lr=None, warmup=50, eval_every=250, save_every=250)
     return p
 
@@ -88,9 +90,9 @@ def check_start(args):
         raise ValueError("--config paligemma-3b needs --vlm DIR (a local google/paligemma-3b-pt-224)")
 
 
-def sources(paths, recipe):
-    """Open the datasets and check their widths against the recipe."""
-    srcs = [open_source(p) for p in paths]
+def sources(paths, recipe, episodes=None):
+    """Open the datasets (their first `episodes` episodes) and check their widths against the recipe."""
+    srcs = [open_source(p, episodes) for p in paths]
     for s in srcs:
         for key, want in (("state", recipe.state_dim), ("action", recipe.action_dim)):
             have = s.episodes[0].state.shape[1] if key == "state" else s.episodes[0].action.shape[1]
@@ -116,7 +118,7 @@ def model_for(args, paths):
         bins = fit_bins(paths, n_bins=256)
     except ValueError:
         bins = PoseBins(np.linspace(-1.0, 1.0, 257), np.linspace(0.0, 2.0, 257), np.linspace(0.0, 1.0, 257))
-    model, tok = build_model(args.config or "tiny", bins, vlm_path=args.vlm)
+    model, tok = fresh_model(args, bins)
     return model, tok, bins
 
 
@@ -129,7 +131,7 @@ def main(argv=None):
     args.out = args.out or os.path.join("runs", f"posttrain_{args.robot}")
     paths = split_paths(args.data) or builtin_demos(args.cache, "train", d)
     eval_paths = split_paths(args.eval_data) or ([] if args.data else builtin_demos(args.cache, "val", d))
-    srcs = sources(paths, recipe)
+    srcs = sources(paths, recipe, args.episodes)
     stats = Stats.load(os.path.join(args.resume, "stats.json")) if args.resume else fit_stats(srcs)
     model, tok, bins = model_for(args, paths)
     args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
@@ -139,7 +141,7 @@ def main(argv=None):
         raise ValueError(f"the {recipe.robot} recipe uses {len(cameras)} cameras; the model has {model.cfg.n_views} views")
     kw = dict(image_size=model.cfg.image_size, chunk=recipe.chunk, stride=recipe.stride, cameras=cameras,
               stats=stats, seed=args.seed)
-    train_ds = RobotDataset(paths, **kw)
+    train_ds = RobotDataset(paths, episodes=args.episodes, **kw)
     eval_ds = RobotDataset(eval_paths, **kw) if eval_paths else None
     cfg = train_config(args)
     set_trainable(model, cfg)

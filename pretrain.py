@@ -21,10 +21,10 @@ import numpy as np
 from data import Collator, fit_bins, open_datasets
 from eval_sim import overlay, stack
 from formats import detect_format
-from model import build_model, load_checkpoint
+from model import load_checkpoint
 from tokenizer import PoseTokenizer, quat_to_matrix
 from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint,
-                     config_name, parse_args, resolve_checkpoint, seed_everything, set_trainable, setup_distributed, to_device,
+                     config_name, fresh_model, parse_args, resolve_checkpoint, seed_everything, set_trainable, setup_distributed, to_device,
                      train, train_config, wrap)
 
 MAX_NEW_TOKENS = 200  # a few tuples of ~16 tokens in each of 3 views
@@ -42,6 +42,9 @@ def build_parser():
     p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
     p.add_argument("--n-bins", type=int, default=256,
                    help="pose bins per quantity, fitted on the training data (paper: 2048)")
+    p.add_argument("--targets", default="poses", choices=["poses", "boxes"],
+                   help="poses: the method; boxes: the semantic baseline (ablation.py) on the same data and "
+                        "compute: stage 1 writes names + 2D boxes only, stage 2 trains flow matching only")
     p.add_argument("--stride", type=int, default=1, help="motion: frames between chunk steps (RoboTwin: 3)")
     p.add_argument("--show", type=int, default=3, help="grounding: held-out samples printed and drawn at the end")
     add_train_args(p, steps=1500, batch_size=8, lr=None, warmup=50, eval_every=250, save_every=250)
@@ -84,16 +87,16 @@ def model_for(args, train_paths):
         return load_checkpoint(ckpt)
     seed_everything(args.seed)
     bins = fit_bins(train_paths, n_bins=args.n_bins)
-    model, tok = build_model(args.config or "tiny", bins, vlm_path=args.vlm)
+    model, tok = fresh_model(args, bins)
     return model, tok, bins
 
 
 def datasets(args, paths, eval_paths, pose_tok, cfg):
     kw = dict(pose_tokenizer=pose_tok, image_size=cfg.image_size, seed=args.seed)
     if args.stage == "grounding":
-        kw["n_views"] = cfg.n_views
+        kw.update(n_views=cfg.n_views, targets=args.targets)
     else:
-        kw.update(chunk=cfg.action_horizon, stride=args.stride, trajectory=True, stats="auto")
+        kw.update(chunk=cfg.action_horizon, stride=args.stride, trajectory=args.targets == "poses", stats="auto")
     kind = "grounding" if args.stage == "grounding" else "robot"
     train_ds = open_datasets(paths, kind, **kw)
     eval_ds = open_datasets(eval_paths, kind, **kw) if eval_paths else None
@@ -134,7 +137,7 @@ def match(truth, pred):
     """Greedy one-to-one pairs (truth ObjectPose, predicted DecodedTuple): same name, nearest t."""
     pairs, free = [], list(pred)
     for o in truth:
-        same = [p for p in free if p.name == o.name]
+        same = [p for p in free if p.name == o.name and p.t is not None]
         if same:
             best = min(same, key=lambda p: np.linalg.norm(p.t - o.t))
             free.remove(best)
@@ -168,7 +171,8 @@ def report(samples, size, path):
             for o in v.objects:
                 print(f"  view {i} truth     {o.name:<16} t={fmt(o.t)} size={fmt(o.size)}")
             for p in pred:
-                print(f"  view {i} predicted {p.name:<16} t={fmt(p.t)} size={fmt(p.size)} rpy={fmt(p.euler)}")
+                what = f"box={fmt(p.anchor)}" if p.t is None else f"t={fmt(p.t)} size={fmt(p.size)} rpy={fmt(p.euler)}"
+                print(f"  view {i} predicted {p.name:<16} {what}")
         panels.append(overlay(views, dec, size, f"truth: {prompt} -> {target}", f"predicted: {text}"))
     stack(panels).save(path)
     print(f"\nwrote {path}: truth (top) and predicted (bottom) 3D boxes per held-out sample")

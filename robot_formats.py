@@ -439,9 +439,15 @@ def _instructions(value):
 
 
 # ----------------------------------------------------------------------------- dispatch
-def open_source(path):
-    """The RobotSource for a LeRobot or RoboTwin dataset at `path` (format detected)."""
+def open_source(path, episodes=None):
+    """The RobotSource for a LeRobot or RoboTwin dataset at `path` (format detected); with
+    `episodes`, only its first N episodes (few-demonstration experiments)."""
     fmt = detect_format(path)
     if fmt not in ROBOT_FORMATS:
         raise ValueError(f"{path}: format '{fmt}' holds no robot episodes; expected one of {ROBOT_FORMATS}")
-    return LeRobotSource(path) if fmt == "lerobot" else RoboTwinSource(path)
+    source = LeRobotSource(path) if fmt == "lerobot" else RoboTwinSource(path)
+    if episodes is not None:
+        if not 1 <= episodes <= len(source.episodes):
+            raise ValueError(f"{path}: asked for the first {episodes} episodes; it holds {len(source.episodes)}")
+        source.episodes = source.episodes[:episodes]
+    return source

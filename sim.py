@@ -550,6 +550,15 @@ class TabletopEnv:
     def held_by(self, i, arm):
         return all(self._touching(i, (p,)) for p in self._pads[arm])
 
+    def reach_cm(self):
+        """Distance (cm) from the nearer gripper's finger midpoint to the target object's centre:
+        how close an episode came, graded (eval_sim records its minimum next to success)."""
+        pos, _ = self.object_pose(0)
+        return 100 * min(float(np.linalg.norm(self.data.geom_xpos[list(p)].mean(0) - pos)) for p in self._pads.values())
+
+    def touching_target(self):
+        return self._touching(0, self._pads["left"] + self._pads["right"])
+
     def success(self):
         pos, _ = self.object_pose(0)
         lifted = pos[2] - self.rest_z[0]

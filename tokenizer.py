@@ -219,12 +219,13 @@ class Waypoint:
 
 @dataclass
 class DecodedTuple:
+    """An object (size given), a trajectory waypoint (size None) or a 2D box (t None: encode_boxes)."""
     name: str
     anchor: np.ndarray        # (2,) (u, v) or (4,) (x1, y1, x2, y2) pixels
-    t: np.ndarray             # (3,)
-    size: np.ndarray | None   # (3,), None for trajectory tuples
-    quat: np.ndarray          # (4,) [qw, qx, qy, qz]
-    euler: np.ndarray         # (3,) roll, pitch, yaw (bin centres)
+    t: np.ndarray | None      # (3,); None for 2D box tuples
+    size: np.ndarray | None   # (3,); None for trajectory and 2D box tuples
+    quat: np.ndarray | None   # (4,) [qw, qx, qy, qz]; None for 2D box tuples
+    euler: np.ndarray | None  # (3,) roll, pitch, yaw (bin centres); None for 2D box tuples
 
 
 @dataclass
@@ -283,7 +284,17 @@ class PoseTokenizer:
 
     def encode_objects(self, views):
         """views: list (per camera) of lists of ObjectPose -> target text; objects sorted near to far."""
-        return "".join(f"<image{i}>" + "".join(self._object(o) for o in sorted(objs, key=lambda o: float(o.t[2])))
+        return self._near_to_far(views, self._object)
+
+    def encode_boxes(self, views):
+        """The semantic baseline's target: names and 2D boxes (x1, y1, x2, y2 as <loc> tokens) with
+        no pose, the "VQA-style" knowledge of a detection-trained VLM; same views and order as
+        encode_objects, so only the pose information differs."""
+        return self._near_to_far(views, lambda o: f" {self._name(o.name)}{self._locs(o.box2d)};")
+
+    @staticmethod
+    def _near_to_far(views, tuple_text):
+        return "".join(f"<image{i}>" + "".join(tuple_text(o) for o in sorted(objs, key=lambda o: float(o.t[2])))
                        + f"</image{i}>" for i, objs in enumerate(views))
 
     def encode_negative(self, class_name, n_views):
@@ -345,6 +356,9 @@ class PoseTokenizer:
         if any(len(d) != _DIGITS[k] for k, d in toks):
             return None
         kinds, idx = [k for k, _ in toks], [int(d) for _, d in toks]
+        if kinds == ["loc"] * 4:  # a 2D box (encode_boxes)
+            box = (np.array(idx, dtype=np.float64) + 0.5) / N_LOC * self.image_size
+            return DecodedTuple(m.group(1).strip(), box, None, None, None, None)
         n_loc = 4 if self.anchor == "box" and "size" in kinds else 2
         body = ["transXY", "transXY", "transZ"] + (["size"] * 3 if "size" in kinds else []) + ["rot"] * 3
         if kinds != ["loc"] * n_loc + body:

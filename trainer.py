@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import MixtureSampler
-from model import CONFIGS, save_checkpoint
+from model import CONFIGS, build_model, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +74,8 @@ def add_train_args(p, **defaults):
     p.add_argument("--config", default=None, choices=sorted(CONFIGS),
                    help="model size (default tiny; with --init/--resume the checkpoint's, which must match)")
     p.add_argument("--vlm", default=None, help="local PaliGemma directory (save_pretrained layout) to start from")
+    p.add_argument("--no-priors", action="store_true",
+                   help="a fresh model without the depth and ray priors (ignored with --init/--resume: the checkpoint's)")
     p.add_argument("--out", default=None, help="run directory: checkpoints step_XXXXXX/, train_log.jsonl")
     p.add_argument("--resume", default=None,
                    help="checkpoint (or run directory: its latest) to continue exactly; saved flags are reused")
@@ -124,6 +126,12 @@ def parse_args(build_parser, argv=None, need=()):
     merged.resume = ckpt
     merged.out = given.get("out") or os.path.dirname(ckpt.rstrip("/"))
     return merged
+
+
+def fresh_model(args, bins):
+    """A new model and text tokenizer from --config, --vlm and --no-priors (no checkpoint to start from)."""
+    priors = {"use_rays": False, "use_depth": False} if args.no_priors else {}
+    return build_model(args.config or "tiny", bins, vlm_path=args.vlm, **priors)
 
 
 def config_name(cfg):
@@ -572,7 +580,7 @@ BUILTIN = {  # split -> (grounding scenes, demos per task and setting, seed); si
 }
 
 
-def _generate_once(path, write, d):
+def generate_once(path, write, d):
     """Run `write(tmp)` once (rank 0), then rename: an interrupted generation leaves no half cache."""
     if d.main and not os.path.exists(path):
         tmp = path + ".tmp"
@@ -589,7 +597,7 @@ def builtin_grounding(cache, split, d):
     """Tabletop grounding scenes (Omni3D JSON + RGB + depth) for `split` ('train' or 'val')."""
     import sim_export
     scenes, _, seed = BUILTIN[split]
-    return _generate_once(os.path.join(cache, "tabletop_grounding", split),
+    return generate_once(os.path.join(cache, "tabletop_grounding", split),
                           lambda p: sim_export.write_grounding(p, scenes, seed=seed), d)
 
 
@@ -598,6 +606,6 @@ def builtin_demos(cache, split, d):
     import sim
     import sim_export
     _, episodes, seed = BUILTIN[split]
-    return [_generate_once(os.path.join(cache, "tabletop_demos", split, f"{task}_{setting}"),
+    return [generate_once(os.path.join(cache, "tabletop_demos", split, f"{task}_{setting}"),
                            lambda p, t=task, s=setting: sim_export.write_demos(p, t, episodes, s, seed), d)
             for task in sim.TASKS for setting in sim.SETTINGS]

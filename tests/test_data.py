@@ -63,6 +63,26 @@ def test_grounding_views_reproject_and_targets(omni):
     assert np.allclose(d[m > 0], 1.5) and 0 < m.mean() < 1  # 1.5 m; letterbox padding invalid
 
 
+def test_grounding_box_targets_carry_the_same_objects_without_poses(omni):
+    """targets="boxes" (ablation.py's semantic baseline): same views, names and order, 2D boxes only."""
+    tok = tokenizer_for(omni)
+    poses = GroundingDataset(omni, tok, S, neg_frac=0.0, seed=3)
+    boxes = GroundingDataset(omni, tok, S, neg_frac=0.0, seed=3, targets="boxes")
+    for i in range(len(poses)):
+        views, prompt, target = boxes.build(i)
+        same_views, same_prompt, _ = poses.build(i)
+        assert prompt == same_prompt
+        assert [[(o.name, o.box2d) for o in v.objects] for v in views] == \
+            [[(o.name, o.box2d) for o in v.objects] for v in same_views]
+        assert target == tok.encode_boxes([v.objects for v in views]) and "<trans" not in target
+        decoded = tok.decode(target, n_views=len(views))
+        for v, d in zip(views, decoded.views):
+            assert [t.name for t in d] == [o.name for o in sorted(v.objects, key=lambda o: o.t[2])]
+            assert all(t.t is None and t.anchor.shape == (4,) for t in d)
+    with pytest.raises(ValueError, match="targets"):
+        GroundingDataset(omni, tok, S, targets="captions")
+
+
 def test_grounding_negatives_and_determinism(omni):
     tok = tokenizer_for(omni)
     ds = GroundingDataset(omni, tok, S, neg_frac=1.0, seed=0)
@@ -201,6 +221,16 @@ def test_wrist_waypoints_follow_the_camera_and_bins_fit_the_targets(lerobot):
         got, want = fit_bins(lerobot, n_bins=16, traj=traj, frame_step=step), PoseBins.fit(np.array(trans), n_bins=16)
         for kind in PoseBins.KINDS:
             np.testing.assert_allclose(getattr(got, kind), getattr(want, kind), atol=1e-6)
+
+
+def test_robot_first_n_episodes(lerobot):
+    """episodes=N keeps the first N episodes (few-demonstration runs); more than the dataset holds is an error."""
+    full = RobotDataset(lerobot, S, chunk=4, stride=1, cameras=("head",))
+    first = RobotDataset(lerobot, S, chunk=4, stride=1, cameras=("head",), episodes=1)
+    assert len(full) == 12 + 5 and len(first) == 12 and all(ei == 0 for _, ei, _ in first.index)
+    np.testing.assert_array_equal(first[3]["actions"], full[3]["actions"])
+    with pytest.raises(ValueError, match="first 3 episodes.*holds 2"):
+        RobotDataset(lerobot, S, cameras=("head",), episodes=3)
 
 
 def test_robot_missing_intrinsics_for_trajectory(lerobot):

@@ -168,6 +168,9 @@ def test_tabletop_eval_records_the_protocol_and_gifs(make_ckpt, tmp_path):
     assert len(p["checkpoint"]["config_hash"]) == 16 and p["code"]
     assert [e["seed"] for e in r["episodes"]] == p["seeds"] and all(e["steps"] <= 4 for e in r["episodes"])
     assert r["per_task"]["pick"]["episodes"] == 2 and r["latency"]["chunks"] >= 4
+    for e in r["episodes"]:  # graded measures: the gripper starts away from the target, can only get closer
+        assert 5 < e["start_cm"] < 100 and 0 < e["min_reach_cm"] <= e["start_cm"] and e["touched"] in (True, False)
+    assert r["per_task"]["pick"]["min_reach_cm"] == np.mean([e["min_reach_cm"] for e in r["episodes"]])
     gif = Image.open(os.path.join(out, f"pick_clean_{eval_sim.EVAL_SEED0}.gif"))
     assert gif.n_frames >= 2 and gif.size == (192, 192)
     assert not os.path.exists(os.path.join(out, f"pick_clean_{eval_sim.EVAL_SEED0 + 1}.gif"))
@@ -227,6 +230,26 @@ def test_grounding_pairs_of_ground_truth_text_score_perfectly():
     assert m["rot_deg"] < 2.0 and m["5deg5cm"] == 1.0
 
 
+def test_centre_errors_compare_pose_anchors_and_2d_boxes_alike():
+    """The grounding measure the box-only baseline shares: centre of a decoded anchor (pose tuple)
+    or of a decoded 2D box vs the true 2D box centre, by name; inf when the name is missing."""
+    from data import View
+    from tokenizer import ObjectPose
+    rng = np.random.default_rng(0)
+    bins = PoseBins.fit(rng.normal(0, 0.3, (500, 3)) + [0, 0, 0.9], rng.uniform(0.03, 0.12, (500, 3)), n_bins=256)
+    tok = PoseTokenizer(bins, 112)
+    objs = [ObjectPose("red cube", (10, 20, 30, 40), np.array([0.1, 0.0, 0.9]), np.array([0.05] * 3), np.eye(3)),
+            ObjectPose("blue bowl", (60, 60, 100, 90), np.array([0.2, 0.1, 1.0]), np.array([0.1] * 3), np.eye(3))]
+    lb = letterbox(np.zeros((112, 112, 3), np.uint8), np.eye(3), 112)
+    views = [View(lb, (0, 0, 112, 112), objs)]
+    for text in (tok.encode_objects([objs]), tok.encode_boxes([objs])):
+        errors = eval_sim.centre_errors(tok.decode(text, n_views=1), views)
+        assert len(errors) == 2 and max(errors) < 112 / 1024 * 1.5  # within a loc bin of the truth
+    only_cube = tok.encode_boxes([objs[:1]])
+    errors = eval_sim.centre_errors(tok.decode(only_cube, n_views=1), views)
+    assert errors[0] < 1 and errors[1] == np.inf
+
+
 def test_scored_decode_scores_each_tuple_by_its_tokens():
     """Generated ids with known log-probabilities: each tuple gets the mean over its own tokens,
     the tuples equal those of decoding the whole text, and AP ranks by those scores."""
@@ -269,7 +292,7 @@ def test_grounding_cli_writes_metrics_and_overlays(make_ckpt, tmp_path):
     r = read_results(out)
     g = r["grounding"]
     assert r["complete"] and 1 <= r["protocol"]["samples"] <= 2 and g["n_images"] == 3 * r["protocol"]["samples"]
-    assert g["n_gt"] > 0 and "AP@0.25" in g and "10deg5cm" in g
+    assert g["n_gt"] > 0 and "AP@0.25" in g and "10deg5cm" in g and 0 <= g["recall_2d"] <= 1
     assert os.path.isfile(os.path.join(out, "grounding_0000.png"))
     with pytest.raises(ValueError, match="--data"):
         eval_sim.main(["--grounding", "--ckpt", make_ckpt("gr"), "--out", out])

@@ -124,6 +124,16 @@ def test_exact_text_format_both_anchor_modes():
     assert PoseTokenizer(bins, 100).decode(box).n_rejected == 1
     with pytest.raises(ValueError, match="name"):
         PoseTokenizer(bins, 100).encode_objects([[ObjectPose("a;b", obj.box2d, obj.t, obj.size, obj.R)]])
+    # The semantic baseline's text: the same name and box as <loc> tokens, no pose.
+    far = ObjectPose("cup", (50, 50, 60, 70), np.array([0.0, 0.0, 3.0]), obj.size, obj.R)
+    boxes = PoseTokenizer(bins, 100).encode_boxes([[far, obj]])
+    assert boxes == "<image0> red mug<loc0102><loc0204><loc0307><loc0409>; cup<loc0512><loc0512><loc0614><loc0716>;</image0>"
+    for anchor in ("center", "box"):
+        dec = PoseTokenizer(bins, 100, anchor=anchor).decode(boxes + f"<image1>{body} x<loc0001><loc0002>;</image1>")
+        (mug, cup), = dec.views[:1]
+        assert (mug.name, cup.name) == ("red mug", "cup") and mug.t is None and mug.size is None and mug.quat is None
+        np.testing.assert_allclose(mug.anchor, np.array([102, 204, 307, 409]) * 100 / 1024 + 50 / 1024)
+        assert dec.n_rejected == 2  # the pose run without a name, and the 2-loc fragment without a pose
 
 
 @pytest.mark.parametrize("anchor", ["center", "box"])
