@@ -422,7 +422,8 @@ def main(argv=None):
     b = BUDGETS[args.budget]
     os.makedirs(args.out, exist_ok=True)
     proto_path = os.path.join(args.out, "protocol.json")
-    protocol = {"budget_name": args.budget, "budget": asdict(b), "arms": {
+    budget = json.loads(json.dumps(asdict(b)))  # as protocol.json holds it (tuples become lists)
+    protocol = {"budget_name": args.budget, "budget": budget, "arms": {
         "none": "post-training from the random VLM", "semantic": "stage 1 names + 2D boxes, stage 2 flow matching only",
         "pose": "stage 1 pose tuples, stage 2 waypoint tuples + flow (x10)", "pose+priors": "as pose, with depth and ray priors"},
         "post_training_demos": f"clean, env seeds {POST_DEMO_SEED}+ (first N episodes)",
