@@ -426,6 +426,7 @@ def main(argv=None):
     protocol = {"budget_name": args.budget, "budget": budget, "arms": {
         "none": "post-training from the random VLM", "semantic": "stage 1 names + 2D boxes, stage 2 flow matching only",
         "pose": "stage 1 pose tuples, stage 2 waypoint tuples + flow (x10)", "pose+priors": "as pose, with depth and ray priors"},
+        "seeds": "pre-training: seed 0, once per arm; post-training (and evaluation policy noise): seeds 0..seeds-1",
         "post_training_demos": f"clean, env seeds {POST_DEMO_SEED}+ (first N episodes)",
         "stage2_demos": "clean and randomized, env seeds 0+", "eval_seeds": f"{eval_sim.EVAL_SEED0}+",
         "grounding": "eval_sim --grounding on each arm's stage-1 checkpoint, held-out scenes",

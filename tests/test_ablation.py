@@ -27,7 +27,7 @@ def test_quick_ablation_end_to_end_then_resumes(tmp_path):
     b = ablation.BUDGETS["quick"]
     res = ablation.main(argv)
 
-    assert res["complete"] and res["protocol"]["budget_name"] == "quick"
+    assert res["complete"] and res["protocol"]["budget_name"] == "quick" and "seed 0" in res["protocol"]["seeds"]
     for arm in ablation.ARMS:
         for setting in ablation.SETTINGS:
             r = res["main"][arm][setting]
