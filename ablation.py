@@ -229,26 +229,24 @@ def success(paths):
     runs = [r for r in runs if r.get("complete")]
     if not runs:
         return None
-    tasks = {}
-    for r in runs:
-        for task, s in r["per_task"].items():
-            k, n = tasks.get(task, (0, 0))
-            tasks[task] = (k + s["successes"], n + s["episodes"])
-    k, n = sum(k for k, _ in tasks.values()), sum(n for _, n in tasks.values())
-    per_seed = [float(r["mean_success"]) for r in runs]
     episodes = [e for r in runs for e in r["episodes"]]
+    tasks = {t: [e["success"] for e in episodes if e["task"] == t] for t in dict.fromkeys(e["task"] for e in episodes)}
+    k = sum(e["success"] for e in episodes)
+    per_seed = [float(r["mean_success"]) for r in runs]
     return {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed,
-            "seeds": len(runs), "ci95": eval_sim.wilson(k, n), "episodes": n,
+            "seeds": len(runs), "ci95": eval_sim.wilson(k, len(episodes)), "episodes": len(episodes),
             "min_reach_cm": float(np.mean([e["min_reach_cm"] for e in episodes])),
             "start_cm": float(np.mean([e["start_cm"] for e in episodes])),
             "touched": float(np.mean([e["touched"] for e in episodes])),
-            "tasks": {t: {"successes": k, "episodes": n, "rate": k / n} for t, (k, n) in tasks.items()}}
+            "tasks": {t: {"successes": int(sum(ok)), "episodes": len(ok), "rate": float(np.mean(ok))}
+                      for t, ok in tasks.items()}}
 
 
 def grounding_metrics(path):
-    if not os.path.exists(path) or not json.load(open(path)).get("complete"):
+    r = json.load(open(path)) if os.path.exists(path) else {}
+    if not r.get("complete"):
         return None
-    m = json.load(open(path))["grounding"]
+    m = r["grounding"]
     return {k: m[k] for k in ("recall_2d", "centre_px", "AP", "AP@0.25", "trans_cm", "rot_deg", "n_pred", "n_gt")}
 
 
