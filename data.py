@@ -7,9 +7,9 @@ SPEC section 6 (training data), 3 (target text), 9/11 (formats, read in formats.
   - RobotDataset (stage 2 and post-training): views at frame t, state, the next H actions at a
     frame stride with is_pad, the instruction, and optionally the trajectory target (future
     end-effector waypoints in each camera's frame).
-  - Stats (z-scoring, cached per dataset), MixtureSampler (weights ~ n^0.43), Collator (batch
-    dict for model.py), make_loader (DataLoader with spawned workers), and the CLI: `show`,
-    `fit-bins`, `bench`.
+  - Stats (z-scoring with a std floor and a state clip, cached per dataset), MixtureSampler
+    (weights ~ n^0.43), Collator (batch dict for model.py), make_loader (DataLoader with spawned
+    workers), and the CLI: `show`, `fit-bins`, `bench`.
 Randomness is a pure function of (seed, epoch, index), so a resumed run sees the same samples.
 """
 import argparse
@@ -220,9 +220,19 @@ def _label(name):
 
 
 # ----------------------------------------------------------------------------- statistics
+STD_FLOOR = 1e-2  # in the raw data's units (metres, quaternion components, gripper fraction): a
+# 1 cm or 0.01 quaternion-component change is at most one normalised unit. Without it a dim that
+# barely varies in the demos (hand quaternions: std 1e-5..5e-3) turns a small closed-loop tilt into
+# |z| ~ 1e4, and unit sampling noise on a near-constant action dim into tens of degrees
+STATE_CLIP = 5.0  # normalised states are clipped to +-5: off-distribution inputs stay bounded
+# (actions are regression targets and are never clipped)
+
+
 @dataclass
 class Stats:
-    """Per-dimension mean, std, q01, q99 of state and action (lists of floats, JSON friendly)."""
+    """Per-dimension mean, std, q01, q99 of state and action (lists of floats, JSON friendly).
+    Both directions scale by max(std, STD_FLOOR); normalize clips the state to +-STATE_CLIP.
+    Training (RobotDataset) and inference (policy.Policy) both go through them."""
     state: dict
     action: dict
 
@@ -239,12 +249,12 @@ class Stats:
         if np.shape(x)[-1] != len(s["mean"]):
             raise ValueError(f"{where}: {key} has width {np.shape(x)[-1]}; the statistics expect "
                              f"{len(s['mean'])}")
-        std = np.asarray(s["std"])
-        return np.asarray(s["mean"]), np.where(std < 1e-6, 1.0, std)  # constant dims stay unscaled
+        return np.asarray(s["mean"]), np.maximum(np.asarray(s["std"]), STD_FLOOR)
 
     def normalize(self, x, key, where="normalize"):
         mean, std = self._ms(key, x, where)
-        return ((np.asarray(x, np.float64) - mean) / std).astype(np.float32)
+        z = (np.asarray(x, np.float64) - mean) / std
+        return (np.clip(z, -STATE_CLIP, STATE_CLIP) if key == "state" else z).astype(np.float32)
 
     def unnormalize(self, x, key, where="unnormalize"):
         mean, std = self._ms(key, x, where)

@@ -266,9 +266,10 @@ def test_stats_cached_and_round_trip(tmp_path, lerobot):
     np.testing.assert_allclose(st.state["q99"], np.quantile(states, 0.99, axis=0), atol=1e-6)
     x = np.random.default_rng(0).normal(size=(7, 16)).astype(np.float32)
     np.testing.assert_allclose(st.unnormalize(st.normalize(x, "action"), "action"), x, atol=1e-6)
-    i = ds.index.index((0, 1, 3))
-    std = np.where(np.array(st.state["std"]) < 1e-6, 1, st.state["std"])
-    np.testing.assert_allclose(ds[i]["state"], (ee16(1, 3) - st.state["mean"]) / std, atol=1e-5)
+    i = ds.index.index((0, 1, 3))  # the dataset's items use the floored std (a quaternion dim has std 1.5e-3)
+    std = np.maximum(st.state["std"], data.STD_FLOOR)
+    want = np.clip((ee16(1, 3) - st.state["mean"]) / std, -data.STATE_CLIP, data.STATE_CLIP)
+    np.testing.assert_allclose(ds[i]["state"], want, atol=1e-5)
     with pytest.raises(ValueError, match="state has width 14; the statistics expect 16"):
         st.normalize(x[:, :14], "state")
     path = os.path.join(lerobot, cached[0])  # reused: a second dataset reads the cache file
@@ -278,6 +279,42 @@ def test_stats_cached_and_round_trip(tmp_path, lerobot):
     assert RobotDataset(lerobot, 64, stats="auto").stats[0].state["mean"][0] == 123.0
     st.save(str(tmp_path / "s.json"))
     assert Stats.load(str(tmp_path / "s.json")) == st
+
+
+def stats_with_a_still_dim():
+    """Stats whose dim 1 barely moves (std ~1e-5, like a hand quaternion component of the tabletop
+    demos) and whose dim 2 is exactly constant; dims 0 and 3 vary ordinarily."""
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(0.3, 0.1, 200), 0.7 + rng.normal(0, 1e-5, 200), np.full(200, 0.5),
+                  rng.normal(-1.0, 2.0, 200)], 1)
+    return Stats.compute(x, x), x.mean(0), x.std(0)
+
+
+def test_stats_floor_the_std_and_clip_the_state():
+    """A closed-loop tilt in a dim the demos barely moved stays a few normalised units (plain
+    z-scoring gives 0.05 / 1e-5 = 5e3); ordinary dims are plain z-scores."""
+    st, mean, std = stats_with_a_still_dim()
+    assert 5e-6 < std[1] < 2e-5 and std[2] == 0
+    x = mean + np.array([[0.5 * std[0], 0.02, 0.0, -1.5 * std[3]],  # two floored units
+                         [-2.0 * std[0], 0.05, 0.0, 4.0 * std[3]],  # a closed-loop tilt: at the clip
+                         [0.0, -0.5, 0.3, 0.0]])  # far off: clipped
+    z = st.normalize(x, "state")
+    np.testing.assert_allclose(z[:, [0, 3]], (x[:, [0, 3]] - mean[[0, 3]]) / std[[0, 3]], rtol=1e-6)
+    np.testing.assert_allclose(z[:, 1], [0.02 / data.STD_FLOOR, 0.05 / data.STD_FLOOR, -data.STATE_CLIP], rtol=1e-4)
+    assert z[2, 2] == data.STATE_CLIP and np.all(np.abs(z) <= data.STATE_CLIP)
+
+
+def test_stats_unnormalize_floored_actions():
+    """Unit sampling noise moves a constant action dim by at most STD_FLOOR (not by one raw unit);
+    actions are not clipped, so normalize -> unnormalize is exact in every dim, far values too."""
+    st, mean, std = stats_with_a_still_dim()
+    noise = np.array([[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 1.0]])
+    moved = np.abs(st.unnormalize(noise, "action") - mean)
+    assert np.all(moved[:, [1, 2]] <= data.STD_FLOOR * (1 + 1e-5))
+    np.testing.assert_allclose(moved[:, [0, 3]], np.tile(std[[0, 3]], (2, 1)), rtol=1e-5)
+    x = mean + np.array([[8.0 * std[0], 0.3, -0.2, -9.0 * std[3]], [-0.1, 1e-5, 0.0, 0.5]])
+    assert np.abs(st.normalize(x, "action")).max() > data.STATE_CLIP
+    np.testing.assert_allclose(st.unnormalize(st.normalize(x, "action"), "action"), x, rtol=1e-6, atol=1e-6)
 
 
 def test_mixture_weights_and_resumable_sampler():
