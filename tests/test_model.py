@@ -5,7 +5,7 @@ import torch
 from transformers import PaliGemmaForConditionalGeneration
 
 from model import (ACTION, LABEL, PREFIX, STATE, PoseVLA, attention_mask, build_model, count_parameters,
-                   last_index, load_checkpoint, paligemma_3b_config, save_checkpoint)
+                   last_index, load_checkpoint, paligemma_3b_config, paligemma_dict, save_checkpoint)
 from tokenizer import PoseBins, build_tiny_tokenizer
 
 
@@ -208,6 +208,59 @@ def test_overfits_one_batch():
     last = model(batch, noise=noise, time=time)
     assert last["ntp_loss"] < 0.1 * first["ntp_loss"]
     assert last["flow_loss"] < 0.1 * first["flow_loss"]
+
+
+def test_flow_matching_reproduces_each_samples_chunk():
+    """Trained briefly on three samples (own state and prompt, one fixed chunk each), sampling from
+    noise returns each sample's own chunk. A loss that falls (test_overfits_one_batch) cannot tell a
+    flipped velocity target or an integration run the wrong way in time; this can."""
+    torch.manual_seed(0)
+    # tiny's shape at 56 px (16 tokens per view), 4 steps of 4 dims: fast on one CPU thread
+    model, tok = build_model("tiny", bins=tiny_bins(), action_horizon=4, max_dim=4,
+                             vlm=paligemma_dict(56, 14, 128, 2, 4, 512, 256, 4, 4, 1, 64, 1024))
+    cfg, S = model.cfg, model.cfg.image_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [tok(tok.bos_token + p + "\n", add_special_tokens=False).input_ids
+               for p in ["pick up the red cube", "open the drawer", "push the blue can"]]
+    B, Lp = len(prompts), max(map(len, prompts))
+    a = torch.tensor([[1.0, 0.0, -1.0, 0.5], [-1.0, 1.0, 0.0, -0.5], [0.0, -1.0, 1.0, 0.0]])
+    # an offset and a ramp per sample; the chunks sum to zero, so the mean chunk fits none of them
+    chunks = a[:, None] + 0.5 * torch.linspace(-1, 1, 4)[None, :, None] * a.roll(1, 1)[:, None]  # (B, H, D)
+    batch = {"images": (torch.rand(1, 1, 3, S, S, generator=g) * 2 - 1).expand(B, -1, -1, -1, -1),  # one shared view
+             "view_mask": torch.ones(B, 1, dtype=torch.bool),
+             "prompt_ids": torch.tensor([p + [cfg.pad_id] * (Lp - len(p)) for p in prompts]),
+             "prompt_mask": torch.tensor([[1] * len(p) + [0] * (Lp - len(p)) for p in prompts], dtype=torch.bool),
+             "state": torch.randn(B, cfg.max_dim, generator=g), "actions": chunks}
+    rows = {k: v.repeat_interleave(4, 0) for k, v in batch.items()}  # each step: 4 noise/time draws per sample
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    for _ in range(150):
+        loss = model(rows)["flow_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    twice = {k: torch.cat([v, v]) for k, v in batch.items()}  # two noise draws per sample
+    out = model.sample_actions(twice, noise=torch.randn(2 * B, 4, cfg.max_dim, generator=g))
+    rms = lambda x: x.pow(2).mean((-2, -1)).sqrt()
+    err = rms(out - torch.cat([chunks, chunks]))                                 # (2B,)
+    apart = min(float(rms(chunks[i] - chunks[j])) for i in range(B) for j in range(i))
+    assert err.max() < 0.2 * apart, (err, apart)
+    assert torch.all(err < 0.4 * rms(chunks - chunks.mean(0)).repeat(2)), err
+
+
+def test_flow_time_runs_from_actions_to_noise(tiny, monkeypatch):
+    """x_t = t * noise + (1 - t) * actions, the convention sample_actions integrates (t=1: noise).
+    The reproduction test above cannot see this one: trained on one chunk per sample, a model
+    learns to reach its chunk whichever way the path runs."""
+    model, tok = tiny
+    batch = make_batch(model, tok, labels=None)
+    noise, seen = torch.randn_like(batch["actions"]), []
+    embed = model.embed_suffix
+    monkeypatch.setattr(model, "embed_suffix", lambda state, x_t, t: seen.append(x_t) or embed(state, x_t, t))
+    for t in (0.0, 0.25, 1.0):
+        model(batch, noise=noise, time=torch.full((2,), t))
+    for x_t, t in zip(seen, (0.0, 0.25, 1.0)):
+        torch.testing.assert_close(x_t, t * noise + (1 - t) * batch["actions"])
 
 
 def test_checkpoint_round_trip(tiny, tmp_path):
