@@ -4,8 +4,11 @@
 Reading order:
   1. letterbox(): image (+ depth) -> the model's square size, aspect kept, zero padding, K updated;
   2. image_to_tensor(), ray_map(), depth_prior(): the dense per-view inputs (numpy, data side);
-  3. PriorEmbedder: pixel-unshuffle by the ViT patch size, then an MLP -> one vector per patch;
-  4. GeometryFusion: adds the embedded priors to the vision-tower output, with modality dropout.
+  3. PriorEmbedder: pixel-unshuffle by the ViT patch size, an MLP, RMS-normalised per patch and
+     times a learned gate tanh(g) (g = 0 at init) -> one vector per patch, RMS below 1;
+  4. GeometryFusion: adds each embedded prior, scaled by the per-token RMS of the vision-tower
+     output, so a prior adds at most the feature norm to any token (both together at most 2x)
+     and exactly nothing at init; with modality dropout.
 
 Pixel convention (OpenCV, and the one K uses): integer pixel coordinates are pixel *centres*, so
 pixel u covers [u - 0.5, u + 0.5). Resizing by `scale` maps the continuous edge coordinate
@@ -127,19 +130,20 @@ class FusionConfig:
 
 class PriorEmbedder(nn.Module):
     """(N, C, S, S) dense prior -> (N, P, Dv), P = (S/p)^2 in row-major patch order (SigLIP's order:
-    its patch Conv2d output flattened over (rows, cols))."""
+    its patch Conv2d output flattened over (rows, cols)). Each vector is the MLP output normalised
+    to RMS 1, times tanh(gate): the MLP chooses the direction, the gate alone the size (|.| < 1)."""
 
     def __init__(self, in_channels, patch_size, width):
         super().__init__()
         self.patch_size = patch_size
         self.mlp = nn.Sequential(nn.Linear(in_channels * patch_size ** 2, 4 * width), nn.GELU(),
                                  nn.Linear(4 * width, width))
-        # Zero-init the last layer: at step 0 the prior adds exactly 0, so a fine-tune from
-        # PaliGemma starts from the pretrained vision features unchanged (ControlNet-style). The
-        # last layer still gets gradient (its input, GELU(first layer), is nonzero), and the first
-        # layer receives gradient as soon as the last one moves off zero.
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        # tanh(0) = 0: at step 0 the prior adds exactly 0, so a fine-tune from PaliGemma starts from
+        # the pretrained vision features unchanged (ControlNet-style). The gate's gradient is the
+        # normalised MLP output, so the last layer keeps its random init (zeroed, nothing would
+        # train); the MLP gets gradient once the first step has moved the gate off 0. Shape (1,),
+        # not a scalar: FSDP's fully_shard refuses 0-dim parameters.
+        self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
         p = self.patch_size
@@ -147,11 +151,15 @@ class PriorEmbedder(nn.Module):
             raise ValueError(f"PriorEmbedder: expected (N, C, S, S) with S divisible by {p}, got {tuple(x.shape)}")
         patches = F.pixel_unshuffle(x, p)              # (N, C*p*p, S/p, S/p)
         patches = patches.flatten(2).transpose(1, 2)   # (N, P, C*p*p), row-major patches
-        return self.mlp(patches)                       # (N, P, Dv)
+        e = self.mlp(patches).float()                  # (N, P, Dv)
+        e = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)  # RMS 1 per patch, whatever the weights' size
+        return torch.tanh(self.gate.float()) * e       # (N, P, Dv)
 
 
 class GeometryFusion(nn.Module):
-    """feats (N, P, Dv) + embed(rays) + embed(depth), each only for the samples that have it."""
+    """feats (N, P, Dv) + r * (embed(rays) + embed(depth)), each prior only for the samples that have
+    it; r (N, P, 1) is the per-token RMS of feats, so each prior adds at most |feats| per token (the
+    unnormalised MLP outputs had grown to ~7x the RGB features, drowning the image content)."""
 
     def __init__(self, cfg: FusionConfig):
         super().__init__()
@@ -163,10 +171,15 @@ class GeometryFusion(nn.Module):
         """rays (N, 3, S, S), depth (N, 2, S, S), has_* (N,) bool; None = absent for every sample.
         views: N = samples * views, consecutive rows being one sample's views; dropout decides per
         sample (SPEC 4), so all views of a sample keep or lose a prior together."""
-        feats = self._add(feats, self.rays, rays, has_rays, "rays", 3, views)
-        return self._add(feats, self.depth, depth, has_depth, "depth", 2, views)
+        # Detached: the RMS measures the RGB features, and the gate alone decides how loud a prior
+        # is; with gradient through it the vision tower would also be pushed to rescale its
+        # features just to make a prior louder or quieter. Taken before either prior is added, so
+        # depth is bounded by the RGB features, not by RGB + rays.
+        scale = feats.detach().float().pow(2).mean(-1, keepdim=True).sqrt()  # (N, P, 1)
+        feats = self._add(feats, scale, self.rays, rays, has_rays, "rays", 3, views)
+        return self._add(feats, scale, self.depth, depth, has_depth, "depth", 2, views)
 
-    def _add(self, feats, embedder, prior, has, what, channels, views):
+    def _add(self, feats, scale, embedder, prior, has, what, channels, views):
         if embedder is None or prior is None:
             return feats
         N = feats.shape[0]
@@ -182,4 +195,4 @@ class GeometryFusion(nn.Module):
         if emb.shape != feats.shape:
             raise ValueError(f"GeometryFusion: {what} gives {tuple(emb.shape)} patch features but the vision "
                              f"tower gave {tuple(feats.shape)}; image size / patch size / width disagree")
-        return torch.where(keep[:, None, None], feats + emb.to(feats.dtype), feats)  # (N, P, Dv)
+        return torch.where(keep[:, None, None], feats + (scale * emb).to(feats.dtype), feats)  # (N, P, Dv)

@@ -95,13 +95,13 @@ def test_depth_prior_invalid_values_and_image_to_tensor():
 # ----------------------------------------------------------------------------------------------
 # Fusion (torch)
 
-def make_fusion(seed=0, S=42, p=14, width=16, random_last=True):
+def make_fusion(seed=0, S=42, p=14, width=16, open_gates=True):
     torch.manual_seed(seed)
     fusion = GeometryFusion(FusionConfig(patch_size=p, width=width))
-    if random_last:  # the default zero init would make every prior add 0; give the test something to see
-        for emb in (fusion.rays, fusion.depth):
-            torch.nn.init.normal_(emb.mlp[-1].weight, std=0.1)
-            torch.nn.init.normal_(emb.mlp[-1].bias, std=0.1)
+    if open_gates:  # the default zero gate would make every prior add 0; give the test something to see
+        with torch.no_grad():
+            for emb in (fusion.rays, fusion.depth):
+                emb.gate.fill_(0.5)
     N, P = 6, (S // p) ** 2
     feats = torch.randn(N, P, width)
     rays = torch.randn(N, 3, S, S)
@@ -130,9 +130,11 @@ def test_absent_priors_add_exactly_nothing():
     bad[0] = float("nan")
     fusion(feats, bad, depth, has_r, has_d).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in fusion.parameters() if p.grad is not None)
-    # Default zero init: a fresh module leaves the pretrained features unchanged even with priors.
-    fresh, feats, rays, depth = make_fusion(random_last=False)
-    assert torch.equal(fresh(feats, rays, depth), feats)
+    # Default zero gate: a fresh module leaves the pretrained features unchanged even with priors.
+    fresh, feats, rays, depth = make_fusion(open_gates=False)
+    for train in (False, True):
+        fresh.train(train)
+        assert torch.equal(fresh(feats, rays, depth), feats)
 
 
 def test_modality_dropout_only_in_training_and_independent():
@@ -159,6 +161,59 @@ def test_modality_dropout_only_in_training_and_independent():
     kinds = [next(k for k, v in combos.items() if torch.allclose(out[i], v, atol=1e-6)) for i in range(N)]
     assert all(len(set(kinds[s * 4:(s + 1) * 4])) == 1 for s in range(N // 4))
     assert len(set(kinds)) > 1
+
+
+def test_priors_stay_within_the_feature_norm():
+    """However large the MLP's weights grow and however far the gate opens, each prior adds at most
+    the RGB feature norm to a token, both together at most twice; a token with small features gets
+    a small prior (the scale is per token, not per batch), and depth is measured against the RGB
+    features, not RGB + rays."""
+    fusion, feats, rays, depth = make_fusion()
+    feats = feats * torch.logspace(-2, 1, feats.shape[1])[None, :, None]  # token norms over 3 decades
+    with torch.no_grad():
+        for emb in (fusion.rays, fusion.depth):
+            for m in emb.mlp[::2]:
+                m.weight.mul_(100)
+                m.bias.mul_(100)
+            emb.gate.fill_(20.0)
+    fusion.eval()
+    norm = feats.norm(dim=-1)                                           # (N, P)
+    with_rays, with_both = fusion(feats, rays), fusion(feats, rays, depth)
+    assert torch.all((with_both - feats).norm(dim=-1) <= 2 * norm * (1 + 1e-5))
+    for added in (with_rays - feats, fusion(feats, None, depth) - feats, with_both - with_rays):
+        torch.testing.assert_close(added.norm(dim=-1), norm, rtol=1e-4, atol=0)  # tanh(20) = 1: at the bound
+
+
+def test_gate_and_mlp_learn_from_a_fresh_module():
+    """At init the output is the features exactly, yet the gate gets gradient on the first backward;
+    once one AdamW step has opened it, both MLP layers do (a zero last layer would keep all three
+    at zero forever, since the gate's gradient is the normalised MLP output)."""
+    fusion, feats, rays, depth = make_fusion(open_gates=False)
+    fusion.eval()
+    target = torch.randn_like(feats)
+    opt = torch.optim.AdamW(fusion.parameters(), lr=1e-3)
+    for step in range(2):
+        out = fusion(feats, rays, depth)
+        if step == 0:
+            assert torch.equal(out, feats)
+        opt.zero_grad()
+        (out - target).pow(2).mean().backward()
+        for emb in (fusion.rays, fusion.depth):
+            assert emb.gate.grad.abs().item() > 0
+            grads = [emb.mlp[0].weight.grad.abs().max().item(), emb.mlp[-1].weight.grad.abs().max().item()]
+            assert all(g == 0 for g in grads) if step == 0 else all(g > 0 for g in grads), (step, grads)
+        opt.step()
+
+
+def test_feature_scale_is_detached():
+    """The vision features get the residual's gradient and nothing more: how loud a prior is, is the
+    gate's business, not a reason to rescale the features."""
+    fusion, feats, rays, depth = make_fusion()
+    fusion.eval()
+    feats.requires_grad_(True)
+    w = torch.randn_like(feats)
+    (fusion(feats, rays, depth) * w).sum().backward()
+    torch.testing.assert_close(feats.grad, w, rtol=0, atol=0)
 
 
 def test_patch_order_matches_siglip():
