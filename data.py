@@ -36,8 +36,12 @@ BAD_INPUT = (ValueError, FileNotFoundError, OSError)
 class ViewConfig:
     head_scale: tuple = (0.9, 1.0)  # SPEC 6: near-full head crop (side length fraction)
     wrist_scale: tuple = (0.25, 0.65)  # SPEC 6: smaller wrist crops
-    min_box_px: float = 10.0  # SPEC 6: box side >= 10 px, both in the letterboxed view the model sees
-    # (1440 px ARKit -> 224: 10 source px ~ 1.5 px) and in source pixels (no passing by upsampling)
+    # SPEC 6's 2D box filter, read so that what the model can see is labelled: the box's longer side
+    # >= min_box_px and its shorter side >= min_side_px, both in the letterboxed view the model sees
+    # (1440 px ARKit -> 224: 10 source px ~ 1.5 px) and in source pixels (no passing by upsampling).
+    # A plain "both sides >= 10 px" drops a thin or half-cropped object the model still sees.
+    min_box_px: float = 10.0
+    min_side_px: float = 3.0
     wrist_focus: float = 0.5  # [ours] wrist crops centre on a random instance with this probability,
     # so close-ups usually show the queried object instead of empty table
 
@@ -161,8 +165,10 @@ class GroundingDataset(_Resilient):
     def __len__(self):
         return len(self.samples)
 
-    def build(self, index):
-        """(views, prompt, target) for one sample; views carry K and the listed ObjectPoses."""
+    def build(self, index, every_object=False):
+        """(views, prompt, target) for one sample; views carry K and the listed ObjectPoses.
+        every_object: views list every labelled object, not only the queried class (the tiny VLM's
+        dense vision targets, vlm.py), and the sample is never a negative."""
         rng = self.rng(index)
         scene_idx, name = self.samples[index]
         im = self.scenes[scene_idx]
@@ -170,6 +176,7 @@ class GroundingDataset(_Resilient):
         H, W = image.shape[:2]
         present = {_label(o.name) for o in im.objects}
         negative = rng.random() < self.neg_frac and self._absent_class(rng, present)
+        negative = negative and not every_object
         mine = [o for o in im.objects if _label(o.name) == name]
         views = []
         for v in range(self.n_views):  # view 0: head crop; then wrist crops, maybe around an instance
@@ -179,7 +186,8 @@ class GroundingDataset(_Resilient):
                 focus = None if box is None else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
             crop = _crop(rng, W, H, self.cfg.wrist_scale if v else self.cfg.head_scale, focus)
             lb = _letterbox_crop(image, im.K, depth, crop, self.size)
-            views.append(View(lb, crop, [] if negative else self._objects(mine, im.K, W, H, crop, lb)))
+            listed = im.objects if every_object else mine
+            views.append(View(lb, crop, [] if negative else self._objects(listed, im.K, W, H, crop, lb)))
         if negative:
             return views, f"detect the {negative}", self.tok.encode_negative(negative, self.n_views)
         encode = self.tok.encode_objects if self.targets == "poses" else self.tok.encode_boxes
@@ -193,7 +201,8 @@ class GroundingDataset(_Resilient):
             if box is None:
                 continue
             b = np.clip(box - [x0, y0, x0, y0], 0, [x1 - x0, y1 - y0] * 2)
-            if min(b[2] - b[0], b[3] - b[1]) * min(1.0, lb.scale) < self.cfg.min_box_px:
+            sides = sorted((b[2] - b[0], b[3] - b[1]))
+            if sides[1] * min(1.0, lb.scale) < self.cfg.min_box_px or sides[0] * min(1.0, lb.scale) < self.cfg.min_side_px:
                 continue  # not visible in this crop, or too small to anchor (in source and view pixels)
             b = b * lb.scale + np.r_[lb.offset, lb.offset]
             out.append(ObjectPose(_label(o.name), tuple(b), o.t, o.size, o.R))

@@ -33,21 +33,28 @@ CAMERAS = ("head", "left_wrist", "right_wrist")
 ARMS = ("left", "right")
 CONTROL_HZ = 10          # RoboTwin-like control rate; one `step` = 0.1 s
 PHYSICS_DT = 0.002       # 2 ms keeps finger contacts stiff enough to hold objects by friction
-FINGER_TRAVEL = 0.04     # metres per finger; fully open gap = 2 * (travel + pad offset) = 8.4 cm
+FINGER_TRAVEL = 0.045    # metres per finger; fully open gap = 2 * (travel + pad offset) = 9.4 cm
 TABLE_HALF = (0.45, 0.30)
-HOME = {"left": np.array([-0.25, -0.18, 0.25]), "right": np.array([0.25, -0.18, 0.25])}
+# Arms wait out to the sides, so that at the start of a task they hide nothing from the head camera.
+HOME = {"left": np.array([-0.33, -0.2, 0.3]), "right": np.array([0.33, -0.2, 0.3])}
+# Where objects start (x, y ranges on the table top). Together with the head camera below it fixes
+# how large objects look: the head view spans about 8 object widths, so at the tiny model's 112 px
+# every task's target covers at least one 14 px patch (tests/test_sim.py pins this).
+WORKSPACE = ((-0.23, -0.13), (0.23, 0.15))
+CLUTTER_REGION = ((-0.3, -0.17), (0.3, 0.2))
+HEAD_CAMERA = dict(pos=(0.0, -0.40, 0.52), target=(0.0, 0.01, 0.0), fovy=42.0)
 COLOURS = {"red": (0.85, 0.12, 0.1), "green": (0.15, 0.65, 0.2), "blue": (0.12, 0.3, 0.85),
            "yellow": (0.95, 0.85, 0.1), "orange": (0.95, 0.5, 0.08), "purple": (0.55, 0.22, 0.7),
            "white": (0.92, 0.92, 0.9), "black": (0.1, 0.1, 0.1)}
 # category -> (size sampler over full extents (sx, sy, sz), graspable); bodies sit on their base.
 CATALOGUE = {
-    "cube": (lambda r: np.full(3, r.uniform(0.035, 0.05)), True),
-    "block": (lambda r: np.array([r.uniform(0.08, 0.11), r.uniform(0.03, 0.04), r.uniform(0.03, 0.04)]), True),
-    "can": (lambda r: _round(r.uniform(0.022, 0.03), r.uniform(0.09, 0.12)), True),
-    "ball": (lambda r: np.full(3, 2 * r.uniform(0.022, 0.028)), True),
-    "bottle": (lambda r: _round(r.uniform(0.022, 0.027), r.uniform(0.13, 0.16)), True),
-    "plate": (lambda r: _round(r.uniform(0.07, 0.085), 0.012), False),
-    "bowl": (lambda r: _round(r.uniform(0.06, 0.075), r.uniform(0.04, 0.05)), False),
+    "cube": (lambda r: np.full(3, r.uniform(0.05, 0.065)), True),
+    "block": (lambda r: np.array([r.uniform(0.095, 0.13), r.uniform(0.036, 0.048), r.uniform(0.036, 0.048)]), True),
+    "can": (lambda r: _round(r.uniform(0.026, 0.036), r.uniform(0.11, 0.14)), True),
+    "ball": (lambda r: np.full(3, 2 * r.uniform(0.031, 0.039)), True),
+    "bottle": (lambda r: _round(r.uniform(0.025, 0.031), r.uniform(0.15, 0.18)), True),
+    "plate": (lambda r: _round(r.uniform(0.06, 0.072), 0.012), False),
+    "bowl": (lambda r: _round(r.uniform(0.051, 0.064), r.uniform(0.04, 0.05)), False),
     "mug": (lambda r: np.array([0.1, 0.08, r.uniform(0.08, 0.095)]) * r.uniform(0.85, 1.0), False),
 }
 TASK_TARGETS = {"pick": ("cube", "block", "can", "ball", "bottle"), "place": ("cube", "can"),
@@ -63,7 +70,7 @@ class WorldConfig:
     image_size: int = 128     # square renders; 128 px keeps a control step near 20 ms on a CPU
     shadows: bool = False     # shadow mapping costs ~10x on software GL, so it is opt-in
     n_clean: int = 3          # objects on the table in `clean` (target + 2 language distractors)
-    n_randomized: tuple = (5, 7)  # object count range in `randomized` (adds clutter)
+    n_randomized: tuple = (4, 6)  # object count range in `randomized` (adds clutter)
 
 
 @dataclass
@@ -258,8 +265,9 @@ def sample_objects(rng, setting, task, cfg):
         rec = ("plate", "bowl")[rng.integers(2)]
         rcol = colours[rng.integers(len(colours))]
         picks += [(rec, rcol), (rec, _other(rng, colours, rcol))]
+    n_task = len(picks)  # the target, its two language distractors and the receptacles
     n = cfg.n_clean if setting == "clean" else int(rng.integers(cfg.n_randomized[0], cfg.n_randomized[1] + 1))
-    n = min(n + 2, 8) if task == "place" else n
+    n = min(n + 2, 7) if task == "place" else n
     while len(picks) < n:
         pair = (list(CATALOGUE)[rng.integers(len(CATALOGUE))], colours[rng.integers(len(colours))])
         if pair not in picks:
@@ -273,7 +281,7 @@ def sample_objects(rng, setting, task, cfg):
         objects.append(SceneObject(f"{colour} {category}", category, colour, size, np.zeros(2),
                                    float(rng.uniform(-np.pi, np.pi)), rgba))
     side = 1.0 if rng.random() < 0.5 else -1.0  # push direction / handover giver side
-    _place(rng, objects, task, side)
+    _place(rng, objects, task, side, n_task)
     return objects, (3 if task == "place" else None), side
 
 
@@ -282,16 +290,18 @@ def _other(rng, options, exclude):
     return rest[rng.integers(len(rest))]
 
 
-def _place(rng, objects, task, side):
-    """Rejection-sample non-overlapping positions; the task fixes where the target may be."""
+def _place(rng, objects, task, side, n_task):
+    """Rejection-sample non-overlapping positions; the task fixes where the target may be. The
+    first n_task objects start in the WORKSPACE (large in the head view); clutter anywhere in
+    CLUTTER_REGION, which may reach past the head camera's view."""
     for _ in range(200):
         ok = True
         for i, obj in enumerate(objects):
-            lo, hi = np.array([-0.32, -0.18]), np.array([0.32, 0.2])
+            lo, hi = (np.array(r) for r in (WORKSPACE if i < n_task else CLUTTER_REGION))
             if i == 0 and task == "push":
                 lo[0], hi[0] = -0.1, 0.1
             if i == 0 and task == "handover":
-                lo[0], hi[0] = (0.1, 0.25) if side > 0 else (-0.25, -0.1)
+                lo[0], hi[0] = (0.08, 0.2) if side > 0 else (-0.2, -0.08)
             for _ in range(100):
                 obj.xy = rng.uniform(lo, hi)
                 if all(_clear(obj, other, objects[0], task, side) for other in objects[:i]):
@@ -399,8 +409,8 @@ def build_xml(objects, look, cfg):
 
 def sample_look(rng, setting):
     """Lighting, table texture and head-camera pose; `randomized` perturbs all of them."""
-    look = dict(head_pos=np.array([0.0, -0.56, 0.66]), head_target=np.array([0.0, 0.04, 0.0]),
-                head_fovy=58.0, ambient=np.full(3, 0.25), head_diffuse=np.full(3, 0.35),
+    look = dict(head_pos=np.array(HEAD_CAMERA["pos"]), head_target=np.array(HEAD_CAMERA["target"]),
+                head_fovy=HEAD_CAMERA["fovy"], ambient=np.full(3, 0.25), head_diffuse=np.full(3, 0.35),
                 light_dir=np.array([0.3, 0.4, -1.0]), light=np.full(3, 0.6),
                 table1=np.array([0.62, 0.48, 0.33]), table2=np.array([0.6, 0.46, 0.31]),
                 texrepeat=4, floor=np.array([0.35, 0.35, 0.38, 1.0]))

@@ -54,15 +54,17 @@ def _r(x, nd=6):
 
 # ----------------------------------------------------------------------------- grounding
 def random_camera(rng):
-    """(cam2world OpenCV 4x4, fovy degrees) on a sphere cap around the table, facing it."""
-    az, el = rng.uniform(0, 2 * np.pi), np.deg2rad(rng.uniform(25, 65))
-    dist = rng.uniform(0.55, 1.1)
-    target = np.array([rng.uniform(-0.15, 0.15), rng.uniform(-0.1, 0.1), 0.0])
+    """(cam2world OpenCV 4x4, fovy degrees) on a sphere cap around the table, facing it. Distances
+    and fields of view bracket the head camera's (sim.HEAD_CAMERA: 0.66 m, 42 degrees), so objects
+    appear at the sizes the policy will see them."""
+    az, el = rng.uniform(0, 2 * np.pi), np.deg2rad(rng.uniform(30, 65))
+    dist = rng.uniform(0.5, 0.85)
+    target = np.array([rng.uniform(-0.12, 0.12), rng.uniform(-0.08, 0.08), 0.0])
     pos = target + dist * np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
     T = np.eye(4)
     T[:3, :3] = sim.look_at(pos, target, np.array([0, 0, 1.0]))
     T[:3, 3] = pos
-    return T, rng.uniform(45, 65)
+    return T, rng.uniform(38, 52)
 
 
 def _box(us, vs):
