@@ -1,16 +1,22 @@
 """Pose pre-training (SPEC section 6; paper Sec. III-C): the VLM learns to write 3D pose tuples.
 
+Stage 0, `--stage vlm` (tiny configuration only, vlm.py): the small pre-trained VLM that plays
+PaliGemma's role on a laptop: the vision tower learns a dense objective of its own, then the
+decoder learns to write names and 2D boxes with the tower frozen. `python pretrain.py` builds it
+into --cache on first use and starts stage 1 from it.
 Stage 1, `--stage grounding`: next-token prediction of object pose tuples on 3D datasets (Omni3D
 JSON or BOP; each image becomes three pseudo-views, data.GroundingDataset), mixed with weights
 n^0.43. Stage 2, `--stage motion`: from a stage-1 checkpoint, trajectory pose tuples (future
 end-effector waypoints in each camera's frame, NTP) plus flow matching on the same robot batches,
 the action loss weighted x10.
 
-    python pretrain.py                      # tiny model, stage 1 on the built-in tabletop scenes
+    python pretrain.py                      # tiny model: the tiny VLM (if missing), then stage 1 on the built-in scenes
+    python pretrain.py --stage vlm          # only the tiny VLM (vision objective, then boxes with a frozen tower)
     python pretrain.py --stage motion --init runs/pretrain_grounding
     torchrun --nproc_per_node=8 pretrain.py --config paligemma-3b --vlm DIR --data A,B,C --fsdp ...
 
-The story: flags -> data (built-in scenes generated on first use) -> bins -> model -> loop
+The story: flags -> data (built-in scenes generated on first use) -> bins -> model (-> the vision
+tower's own objective, stage vlm) -> loop
 (trainer.py) -> for stage 1, decoded pose tuples next to the truth and an overlay PNG.
 """
 import argparse
@@ -18,8 +24,9 @@ import os
 
 import numpy as np
 
+import vlm
 from data import Collator, fit_bins, open_datasets
-from eval_sim import overlay, stack
+from eval_sim import CENTRE_HIT, centre_errors, overlay, stack
 from formats import detect_format
 from model import load_checkpoint
 from tokenizer import PoseTokenizer, quat_to_matrix
@@ -32,13 +39,21 @@ MAX_NEW_TOKENS = 200  # a few tuples of ~16 tokens in each of 3 views
 
 def build_parser():
     p = argparse.ArgumentParser(description="Pose-VLA pose pre-training: stage 1 grounding, stage 2 motion.")
-    p.add_argument("--stage", default="grounding", choices=["grounding", "motion"],
-                   help="grounding: object pose tuples; motion: waypoint tuples + flow matching (x10)")
+    p.add_argument("--stage", default="grounding", choices=["vlm", "grounding", "motion"],
+                   help="vlm: the tiny pre-trained VLM (vision objective, then 2D boxes with the tower frozen); "
+                        "grounding: object pose tuples; motion: waypoint tuples + flow matching (x10)")
     p.add_argument("--data", default=None,
                    help="comma-separated dataset paths (grounding: Omni3D/BOP; motion: LeRobot/RoboTwin); "
                         "default: the built-in tabletop data, generated into --cache on first use")
     p.add_argument("--eval-data", default=None, help="comma-separated held-out datasets (default: built-in val split)")
-    p.add_argument("--init", default=None, help="checkpoint to start from (required for --stage motion)")
+    p.add_argument("--init", default=None,
+                   help="checkpoint to start from (required for --stage motion; stage grounding on the built-in "
+                        "data with the tiny config defaults to the tiny VLM in --cache, built on first use)")
+    p.add_argument("--scratch", action="store_true",
+                   help="stage grounding: start from random weights instead of the tiny VLM (the vision tower "
+                        "then collapses: kept to show why the tiny VLM exists)")
+    p.add_argument("--vision-steps", type=int, default=vlm.VisionConfig.steps,
+                   help="stage vlm: steps of the vision tower's own dense objective before the decoder joins")
     p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
     p.add_argument("--n-bins", type=int, default=256,
                    help="pose bins per quantity, fitted on the training data (paper: 2048)")
@@ -55,6 +70,9 @@ def check_start(args):
     """Everything that can be wrong with the flags or files, before any data or training time."""
     if args.stage == "motion" and not (args.init or args.resume):
         raise ValueError("--stage motion continues from a stage-1 checkpoint: pass --init CKPT")
+    if args.stage == "vlm" and (args.init or args.vlm or args.config not in (None, "tiny")):
+        raise ValueError("--stage vlm builds the tiny configuration's VLM from random weights; it takes no "
+                         "--init/--vlm (the full configuration starts from PaliGemma itself)")
     for flag in ("steps", "batch_size", "save_every", "keep", "log_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -75,7 +93,7 @@ def data_paths(args, d):
     """(train paths, held-out paths); the built-in tabletop data when --data is not given."""
     if args.data:
         return split_paths(args.data), split_paths(args.eval_data)
-    make = builtin_grounding if args.stage == "grounding" else builtin_demos
+    make = builtin_grounding if args.stage != "motion" else builtin_demos
     as_list = lambda x: x if isinstance(x, list) else [x]  # noqa: E731
     return as_list(make(args.cache, "train", d)), split_paths(args.eval_data) or as_list(make(args.cache, "val", d))
 
@@ -93,11 +111,11 @@ def model_for(args, train_paths):
 
 def datasets(args, paths, eval_paths, pose_tok, cfg):
     kw = dict(pose_tokenizer=pose_tok, image_size=cfg.image_size, seed=args.seed)
-    if args.stage == "grounding":
+    if args.stage != "motion":
         kw.update(n_views=cfg.n_views, targets=args.targets)
     else:
         kw.update(chunk=cfg.action_horizon, stride=args.stride, trajectory=args.targets == "poses", stats="auto")
-    kind = "grounding" if args.stage == "grounding" else "robot"
+    kind = "grounding" if args.stage != "motion" else "robot"
     train_ds = open_datasets(paths, kind, **kw)
     eval_ds = open_datasets(eval_paths, kind, **kw) if eval_paths else None
     return train_ds, eval_ds
@@ -105,10 +123,10 @@ def datasets(args, paths, eval_paths, pose_tok, cfg):
 
 def recipe(args, train_ds, cfg):
     """recipe.json: how this checkpoint sees the world (the views it was trained on)."""
-    if args.stage == "grounding":
+    if args.stage != "motion":
         return {"robot": None, "cameras": ["head", "left_wrist", "right_wrist"][:cfg.n_views], "chunk": None,
                 "stride": None, "state_dim": None, "action_dim": None, "image_size": cfg.image_size,
-                "stage": "grounding"}
+                "stage": args.stage}
     src = train_ds.sources[0]
     return {"robot": "tabletop" if not args.data else detect_format(src.path), "cameras": train_ds.cameras[0],
             "chunk": cfg.action_horizon, "stride": args.stride, "state_dim": int(src.episodes[0].state.shape[1]),
@@ -145,20 +163,25 @@ def match(truth, pred):
     return pairs
 
 
-def tuple_errors(samples):
-    """Recall of true tuples, median translation error (cm) and rotation error (deg) of matches."""
-    trans, rot, n_true, rejected = [], [], 0, 0
+def tuple_errors(samples, size):
+    """Recall of true tuples, median translation error (cm) and rotation error (deg) of matches; 2D
+    recall (a same-name anchor within CENTRE_HIT of the image size) and median centre error (px)."""
+    trans, rot, n_true, rejected, centres = [], [], 0, 0, []
     for views, _, _, _, dec in samples:
         rejected += dec.n_rejected
+        centres += centre_errors(dec, views)
         for v, pred in zip(views, dec.views):
             n_true += len(v.objects)
             for o, p in match(v.objects, pred):
                 trans.append(100 * np.linalg.norm(p.t - o.t))
                 cos = (np.trace(np.asarray(o.R).T @ quat_to_matrix(p.quat)) - 1) / 2
                 rot.append(np.degrees(np.arccos(np.clip(cos, -1, 1))))
-    nan = float("nan")
+    nan, centres = float("nan"), np.asarray(centres)
+    found = centres[np.isfinite(centres)]
     return {"eval_recall": len(trans) / max(n_true, 1), "eval_trans_err_cm": float(np.median(trans)) if trans else nan,
-            "eval_rot_err_deg": float(np.median(rot)) if rot else nan, "eval_rejected": rejected}
+            "eval_rot_err_deg": float(np.median(rot)) if rot else nan, "eval_rejected": rejected,
+            "eval_recall_2d": float(np.mean(centres < CENTRE_HIT * size)) if len(centres) else nan,
+            "eval_centre_px": float(np.median(found)) if len(found) else nan}
 
 
 def report(samples, size, path):
@@ -186,23 +209,31 @@ def main(argv=None):
     d = setup_distributed()
     args.out = args.out or os.path.join("runs", f"pretrain_{args.stage}")
     train_paths, eval_paths = data_paths(args, d)
+    if args.stage == "vlm":  # PaliGemma's recipe: 2D detection text, decoder only, on a trained tower
+        args.targets, args.freeze_vision = "boxes", True
+    elif args.stage == "grounding" and not (args.init or args.resume or args.vlm or args.data or args.scratch) \
+            and args.config in (None, "tiny"):
+        args.init = vlm.tiny_vlm(args.cache, d)  # the tiny VLM plays PaliGemma's role
     model, tok, bins = model_for(args, train_paths)
     args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
     cfg = train_config(args)
     cfg.action_weight = 10.0 if args.stage == "motion" else 1.0  # SPEC 6: action loss x10 in stage 2
     pose_tok = PoseTokenizer(bins, model.cfg.image_size)
     train_ds, eval_ds = datasets(args, train_paths, eval_paths, pose_tok, model.cfg)
+    if args.stage == "vlm" and not args.resume:
+        model.to(d.device)
+        vlm.pretrain_vision(model, train_ds, vlm.VisionConfig(steps=args.vision_steps, seed=args.seed), eval_ds, d.device)
     set_trainable(model, cfg)
     net = wrap(model, cfg, d)
     run = Run(model, tok, bins, args.out, vars(args), {"recipe.json": recipe(args, train_ds, model.cfg)})
     show = []  # held-out samples to decode, spread over the evaluation set
-    if eval_ds is not None and args.stage == "grounding" and args.show > 0:
+    if eval_ds is not None and args.stage != "motion" and args.show > 0:
         show = sorted({int(i) for i in np.linspace(0, len(eval_ds) - 1, args.show)})
 
     def extra_eval(run, d):  # decoded-tuple errors (rank 0; FSDP shards cannot generate alone)
         if not show or not d.main or cfg.fsdp:
             return {}
-        return tuple_errors(decode_samples(model, tok, pose_tok, eval_ds, show, d.device))
+        return tuple_errors(decode_samples(model, tok, pose_tok, eval_ds, show, d.device), model.cfg.image_size)
 
     last = train(run, net, train_ds, Collator(tok), cfg, d, eval_ds, extra_eval, resume=args.resume)
     if d.main:
