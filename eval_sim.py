@@ -13,6 +13,8 @@ RoboTwin 2.0 runs the policy from its own evaluator through robotwin_policy/depl
 Every run writes `results.json` recording the full protocol (checkpoint path and config hash,
 seeds, settings, step limits, executed steps per chunk, git commit of this code) and rewrites it
 after every episode, so a run stopped by Ctrl-C or an error still leaves the finished episodes.
+A tabletop run also records whether the policy looks at its cameras (`image_sensitivity`): how far
+the planned chunk moves when the views are another episode's, next to another instruction's.
 """
 import argparse
 import datetime
@@ -174,10 +176,15 @@ def tabletop_views(obs, cameras):
     return views
 
 
-def tabletop_episode(env, policy, seed, max_steps, gif=None, tokens=0):
-    """One closed-loop episode; success is checked after every step. Returns the episode record."""
+def tabletop_episode(env, policy, seed, max_steps, gif=None, tokens=0, probes=None):
+    """One closed-loop episode; success is checked after every step. Returns the episode record.
+    probes: a list that receives a copy of the first observation (views, state, instruction)."""
     obs, start = env.reset(seed), time.perf_counter()
     policy.reset()
+    if probes is not None:  # copied: the renderer may reuse its buffers
+        views = [{k: None if v is None else np.array(v) for k, v in view.items()}
+                 for view in tabletop_views(obs, policy.cameras)]
+        probes.append((views, np.array(obs["state"]), env.instruction))
     success, marks, start_cm, touched = False, [], env.reach_cm(), False
     reach = start_cm
     for t in range(max_steps):
@@ -219,19 +226,52 @@ def run_tabletop(args, policy, results):
                             seeds=[EVAL_SEED0 + i for i in range(args.episodes)])
 
     def episodes():
+        probes = []
         for task in tasks:
             env = sim.TabletopEnv(task, args.setting, EVAL_SEED0, args.render_size,
                                   cameras=tuple(dict.fromkeys(["head"] + [c.split(".")[-1] for c in policy.cameras])))
             for i in range(args.episodes):
                 gif = [] if i < args.gifs else None
-                ep = tabletop_episode(env, policy, EVAL_SEED0 + i, limits[task], gif, args.waypoint_tokens)
+                ep = tabletop_episode(env, policy, EVAL_SEED0 + i, limits[task], gif, args.waypoint_tokens,
+                                      probes if i < args.swap_probes else None)
                 if gif:
                     save_gif(gif, os.path.join(args.out, f"{task}_{args.setting}_{ep['seed']}.gif"), sim.CONTROL_HZ)
                 results.extra["latency"] = policy.latency()
                 results.add(task=task, **ep)
                 print(f"{task} seed {ep['seed']}: {'success' if ep['success'] else 'failure'} in {ep['steps']} steps")
             env.close()
+        if len(probes) >= 2:
+            results.extra["image_sensitivity"] = swap_sensitivity(policy, probes, args.seed)
     run_protocol(results, episodes)
+
+
+def swap_sensitivity(policy, probes, seed=0):
+    """Does the policy look at its cameras? probes: first observations (views, state, instruction)
+    of >= 2 episodes; observation i is planned as is, with the views of observation i+1 (cyclic;
+    same state and prompt), and with its instruction when that differs (same views and state), all
+    with one fixed noise per observation. Returns the mean end-effector displacement of the planned
+    chunk (raw actions, cm, averaged over the chunk's steps and both arms) for each swap."""
+    import torch
+    generator = torch.Generator().manual_seed(seed)  # not the policy's: the episodes' noise is untouched
+    images, prompts = [], []
+    for i, (views, state, prompt) in enumerate(probes):
+        other_views, _, other_prompt = probes[(i + 1) % len(probes)]
+        noise = policy.noise(generator)
+        base = policy.chunk(policy.preprocess(views, state, prompt), noise)
+        images.append(ee_move_cm(policy, base, policy.chunk(policy.preprocess(other_views, state, prompt), noise)))
+        if other_prompt != prompt:
+            prompts.append(ee_move_cm(policy, base, policy.chunk(policy.preprocess(views, state, other_prompt), noise)))
+    return {"observations": len(probes), "image_swap_cm": float(np.mean(images)),
+            "prompt_swap_cm": float(np.mean(prompts)) if prompts else None, "prompt_pairs": len(prompts),
+            "how": "first observation of episodes; views (or instruction) of the next probed episode; "
+                   "mean end-effector displacement of the planned chunk, cm, same noise"}
+
+
+def ee_move_cm(policy, a, b):
+    """Mean end-effector distance (cm) between two (H, Da) raw chunks, over steps and arms."""
+    from policy import POSITION_SLICES
+    arms = POSITION_SLICES[policy.recipe["robot"]]
+    return 100 * float(np.mean([np.linalg.norm(a[:, s] - b[:, s], axis=-1).mean() for s in arms]))
 
 
 # ----------------------------------------------------------------------------- grounding
@@ -389,6 +429,8 @@ def parse(argv=None):
     p.add_argument("--gifs", type=int, default=2, help="GIFs of the first N episodes per task (head view)")
     p.add_argument("--waypoint-tokens", type=int, default=160, help="max tokens when decoding waypoints for GIFs (0: "
                    "draw the planned chunk's end-effector positions instead)")
+    p.add_argument("--swap-probes", type=int, default=4, help="tabletop: probe image sensitivity on the first "
+                   "observation of the first N episodes per task (a few extra chunks; 0: off)")
     p.add_argument("--no-rays", action="store_true", help="do not feed ray maps (ablation)")
     p.add_argument("--no-depth", action="store_true", help="do not feed depth (ablation)")
     p.add_argument("--seed", type=int, default=0, help="policy noise seed (LIBERO uses its protocol seed 7)")
@@ -436,6 +478,11 @@ def main(argv=None):
                         rays=not args.no_rays, depth=not args.no_depth, policy_seed=args.seed)
         run_tabletop(args, policy, results)
     results.report()
+    sens = results.extra.get("image_sensitivity")
+    if sens:
+        other = "n/a (one instruction)" if sens["prompt_swap_cm"] is None else f"{sens['prompt_swap_cm']:.2f} cm"
+        print(f"image sensitivity: another episode's views move the plan {sens['image_swap_cm']:.2f} cm, "
+              f"another instruction {other} ({sens['observations']} observations)")
     lat = policy.latency()
     print(f"latency: {lat['ms_per_chunk']:.0f} ms per chunk, policy-limited control rate {lat['control_hz']:.1f} Hz "
           f"({lat['exec_steps']} steps per chunk); wrote {results.path}")

@@ -9,7 +9,9 @@ SPEC section 5 (paper Sec. III). Reading order:
      - forward(): NTP loss on pose-tuple labels + flow-matching loss on actions,
      - sample_actions(): 10 Euler steps, prefix keys/values computed once,
      - generate(): greedy pose-text decoding with a KV cache.
-  5. build_model / save / load.
+  5. image_sensitivity(): how much the outputs change when samples swap their views (does the
+     model use its images?), logged at every held-out evaluation (trainer.py).
+  6. build_model / save / load.
 
 The VLM is `transformers`' PaliGemmaForConditionalGeneration; we reuse its modules (SigLIP tower,
 projector, Gemma layers, tied LM head) but run the Gemma layers ourselves so the expert can join
@@ -354,16 +356,19 @@ class PoseVLA(nn.Module):
         return self.action_out_proj(self.expert_norm(exp_h[:, 1:]))
 
     def ntp_loss(self, vlm_h, p_valid, label_ids, label_mask):
-        """Cross-entropy of each label token given everything before it. The first label is
+        """Cross-entropy of each label token given everything before it."""
+        logits = self.label_logits(vlm_h, p_valid)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), label_ids.flatten(), reduction="none")
+        m = label_mask.flatten().float()
+        return (loss * m).sum() / m.sum().clamp(min=1)
+
+    def label_logits(self, vlm_h, p_valid):
+        """(B, Tl, V) logits where position k predicts label k (teacher forcing). The first label is
         predicted from the last real prefix token (prompts are right-padded)."""
         Tp = p_valid.shape[1]
         last = last_index(p_valid)                                              # (B,)
         h_first = vlm_h[torch.arange(len(last)), last][:, None]                 # (B, 1, W)
-        h = torch.cat([h_first, vlm_h[:, Tp:-1]], dim=1)                        # (B, Tl, W)
-        logits = self.logits(h)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), label_ids.flatten(), reduction="none")
-        m = label_mask.flatten().float()
-        return (loss * m).sum() / m.sum().clamp(min=1)
+        return self.logits(torch.cat([h_first, vlm_h[:, Tp:-1]], dim=1))        # (B, Tl, V)
 
     def logits(self, h):
         return self.vlm.lm_head(self.lm.norm(h))
@@ -436,6 +441,78 @@ class PoseVLA(nn.Module):
             pos = pos + 1
         ids = torch.stack(ids, dim=1)
         return (ids, torch.stack(scores, dim=1)) if return_scores else ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Image sensitivity: does the model use its images at all?
+
+VISUAL_KEYS = ("images", "view_mask", "rays", "has_rays", "depth", "has_depth")
+SENSITIVITY_KEYS = ("img_tv", "img_tv_loc", "img_action_delta", "img_action_delta_first",
+                    "prompt_action_delta", "prompt_action_delta_first")
+
+
+def roll_samples(batch, keys):
+    """The batch with `keys` rolled by one along dim 0 (sample i gets sample i-1's), the rest kept."""
+    return {k: v.roll(1, dims=0) if k in keys else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def image_sensitivity(model, batch, loc_ids=None, seed=0):
+    """How much the outputs change when every sample sees another sample's views (images, masks,
+    ray and depth priors rolled by one over the batch; prompt, labels and state kept). Floats, NaN
+    where the batch has no such part:
+      img_tv: mean total-variation distance between the teacher-forced next-token distributions at
+        the label positions with the true vs swapped views; img_tv_loc: the same over the positions
+        whose target is a <loc> token (loc_ids: their token ids), the location stage 1 must learn;
+      img_action_delta: mean L2 change of the sampled chunk (normalised units) for a fixed noise,
+        over the chunk (_first: its first step); prompt_action_delta: the same when the prompts are
+        swapped instead, the scale of a change the model does react to.
+    Runs in eval mode (the previous mode is restored) and draws nothing from the global RNG, so a
+    resumed training run stays exact."""
+    B = batch["images"].shape[0]
+    if B < 2:
+        raise ValueError(f"image_sensitivity swaps views between samples: needs a batch of >= 2, got {B}")
+    out = dict.fromkeys(SENSITIVITY_KEYS, float("nan"))
+    swapped = roll_samples(batch, VISUAL_KEYS)
+    was_training = model.training
+    model.eval()
+    try:
+        if batch.get("label_ids") is not None:
+            out.update(_label_tv(model, batch, swapped, loc_ids))
+        if "actions" in batch:
+            out.update(_action_deltas(model, batch, swapped, seed))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _label_tv(model, batch, swapped, loc_ids):
+    mask = batch["label_mask"]                                                  # (B, Tl)
+    probs = []
+    for b in (batch, swapped):
+        vlm_h, _, p_valid = model.joint_forward(b)
+        probs.append(model.label_logits(vlm_h, p_valid)[mask].float().softmax(-1))  # (N, V)
+    tv = 0.5 * (probs[0] - probs[1]).abs().sum(-1)                              # (N,)
+    out = {"img_tv": tv.mean().item()}
+    if loc_ids is not None:
+        is_loc = torch.isin(batch["label_ids"][mask], torch.as_tensor(loc_ids, device=tv.device))
+        if is_loc.any():
+            out["img_tv_loc"] = tv[is_loc].mean().item()
+    return out
+
+
+def _action_deltas(model, batch, swapped, seed):
+    actions = batch["actions"]                                                  # (B, H, D)
+    noise = torch.randn(actions.shape, generator=torch.Generator().manual_seed(seed)).to(actions)
+    # Only the dims the data fills: zero-padding up to max_dim (and constant dims) is 0 in every sample.
+    dims = actions.flatten(0, 1).abs().amax(0) > 0                              # (D,)
+    base = model.sample_actions(batch, noise=noise)[..., dims].float()          # (B, H, d)
+    out = {}
+    for name, other in (("img", swapped), ("prompt", roll_samples(batch, ("prompt_ids", "prompt_mask")))):
+        step = (model.sample_actions(other, noise=noise)[..., dims].float() - base).norm(dim=-1)  # (B, H)
+        out[f"{name}_action_delta"] = step.mean().item()
+        out[f"{name}_action_delta_first"] = step[:, 0].mean().item()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from tokenizer import PoseTokenizer
 RECIPE_KEYS = ("robot", "cameras", "chunk", "stride", "state_dim", "action_dim", "image_size")
 # Absolute end-effector layouts [l_xyz, l_quat(wxyz), l_grip, r_xyz, r_quat, r_grip]: quaternion slices.
 QUAT_SLICES = {"tabletop": (slice(3, 7), slice(11, 15)), "robotwin": (slice(3, 7), slice(11, 15))}
+POSITION_SLICES = {"tabletop": (slice(0, 3), slice(8, 11)), "robotwin": (slice(0, 3), slice(8, 11))}  # metres
 GRIPPERS = {"tabletop": [7, 15], "robotwin": [7, 15]}  # opening in [0, 1], 1 = open
 
 
@@ -153,16 +154,24 @@ class Policy:
         """One chunk at control rate: ((H-1)*s + 1, action_dim) raw actions."""
         start = time.perf_counter()
         batch = self.preprocess(views, state, prompt)
-        cfg = self.model.cfg
-        noise = torch.randn(1, cfg.action_horizon, cfg.max_dim, generator=self.generator).to(self.device)
-        with torch.no_grad():
-            norm = self.model.sample_actions(batch, noise=noise)[0, :, :self.recipe["action_dim"]]  # (H, Da)
-        chunk = self.stats.unnormalize(norm.float().cpu().numpy(), "action", f"{self.ckpt}/stats.json")
+        chunk = self.chunk(batch, self.noise(self.generator))
         robot = self.recipe["robot"]
         plan = expand_chunk(valid_actions(chunk, robot), self.recipe["stride"], QUAT_SLICES.get(robot, ()))
         self.chunk_seconds.append(time.perf_counter() - start)
         self.last_plan, self.last_batch = plan, batch
         return plan
+
+    def noise(self, generator):
+        """(1, H, max_dim) flow noise drawn from `generator`."""
+        cfg = self.model.cfg
+        return torch.randn(1, cfg.action_horizon, cfg.max_dim, generator=generator)
+
+    def chunk(self, batch, noise):
+        """The sampled chunk for a preprocessed batch and a given noise: (H, Da) raw actions, as the
+        model wrote them (before valid_actions and the expansion to control rate)."""
+        with torch.no_grad():
+            norm = self.model.sample_actions(batch, noise=noise.to(self.device))[0, :, :self.recipe["action_dim"]]
+        return self.stats.unnormalize(norm.float().cpu().numpy(), "action", f"{self.ckpt}/stats.json")
 
     def act(self, views, state, prompt):
         """Next action; re-plans when the executed part of the last plan is used up."""

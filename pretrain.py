@@ -16,20 +16,25 @@ the action loss weighted x10.
     torchrun --nproc_per_node=8 pretrain.py --config paligemma-3b --vlm DIR --data A,B,C --fsdp ...
 
 The story: flags -> data (built-in scenes generated on first use) -> bins -> model (-> the vision
-tower's own objective, stage vlm) -> loop
-(trainer.py) -> for stage 1, decoded pose tuples next to the truth and an overlay PNG.
+tower's own objective, stage vlm) -> loop (trainer.py) -> for stage 1, decoded pose tuples next to
+the truth and an overlay PNG. Stage 1's held-out monitor: recall and pose errors of the greedily
+decoded tuples, 2D recall and centre error, and the error of the most likely <loc> under teacher
+forcing (greedy decoding hides a location the model half knows behind <no_object>), next to always
+answering the image centre.
 """
 import argparse
+import itertools
 import os
 
 import numpy as np
+import torch
 
 import vlm
 from data import Collator, fit_bins, open_datasets
 from eval_sim import CENTRE_HIT, centre_errors, overlay, stack
 from formats import detect_format
 from model import load_checkpoint
-from tokenizer import PoseTokenizer, quat_to_matrix
+from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
 from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint,
                      config_name, fresh_model, parse_args, resolve_checkpoint, seed_everything, set_trainable, setup_distributed, to_device,
                      train, train_config, wrap)
@@ -184,6 +189,51 @@ def tuple_errors(samples, size):
             "eval_centre_px": float(np.median(found)) if len(found) else nan}
 
 
+def anchor_errors(logits, label_ids, label_mask, loc_ids, image_size):
+    """Pixel errors of the teacher-forced most likely anchors. logits: (B, Tl, V), position k
+    predicting label k (model.label_logits); loc_ids: the N_LOC token ids of <loc0000>...
+    Each run of consecutive <loc> targets is one anchor, (u, v) or a 2D box (its centre counts);
+    every position takes the argmax over the <loc> tokens alone, decoded as the tokenizer does
+    (bin centre: (i + 0.5) / N_LOC * image_size). Returns (errors, image-centre errors) in pixels."""
+    loc_ids = torch.as_tensor(loc_ids, device=logits.device)
+    bin_of = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=logits.device)
+    bin_of[loc_ids] = torch.arange(len(loc_ids), device=logits.device)
+    true = torch.where(label_mask, bin_of[label_ids], -1).tolist()             # (B, Tl) bin or -1
+    pred = logits[..., loc_ids].argmax(-1).tolist()                             # (B, Tl) bin
+    centre = lambda bins: ((np.asarray(bins) + 0.5) / N_LOC * image_size).reshape(-1, 2).mean(0)  # noqa: E731
+    errors, baseline = [], []
+    for t_row, p_row in zip(true, pred):
+        for is_loc, run in itertools.groupby(range(len(t_row)), key=lambda k: t_row[k] >= 0):
+            if is_loc:
+                k = list(run)
+                truth = centre([t_row[i] for i in k])
+                errors.append(float(np.linalg.norm(centre([p_row[i] for i in k]) - truth)))
+                baseline.append(float(np.linalg.norm(image_size / 2 - truth)))
+    return errors, baseline
+
+
+def loc_argmax_errors(model, tok, ds, indices, device, batch_size=8):
+    """Median anchor error (px) of the teacher-forced most likely <loc> over held-out samples whose
+    targets list objects (anchor_errors), beside the image centre's; NaN without any anchor."""
+    ds.set_epoch(0)
+    collate, loc_ids, errors, baseline = Collator(tok), tok.convert_tokens_to_ids(loc_tokens()), [], []
+    model.eval()
+    for start in range(0, len(indices), batch_size):
+        batch = to_device(collate([ds[i] for i in indices[start:start + batch_size]]), device)
+        if "label_ids" not in batch:
+            continue
+        with torch.no_grad():
+            vlm_h, _, p_valid = model.joint_forward(batch)
+            e, b = anchor_errors(model.label_logits(vlm_h, p_valid), batch["label_ids"], batch["label_mask"],
+                                 loc_ids, model.cfg.image_size)
+        errors, baseline = errors + e, baseline + b
+    model.train()
+    nan = float("nan")
+    return {"eval_loc_argmax_err_px": float(np.median(errors)) if errors else nan,
+            "eval_loc_centre_baseline_px": float(np.median(baseline)) if baseline else nan,
+            "eval_loc_anchors": len(errors)}
+
+
 def report(samples, size, path):
     """Print decoded tuples next to the truth; save truth (top) over prediction (bottom) per sample."""
     fmt = lambda a: "(" + ", ".join(f"{x:+.3f}" for x in np.asarray(a)) + ")"  # noqa: E731
@@ -233,7 +283,9 @@ def main(argv=None):
     def extra_eval(run, d):  # decoded-tuple errors (rank 0; FSDP shards cannot generate alone)
         if not show or not d.main or cfg.fsdp:
             return {}
-        return tuple_errors(decode_samples(model, tok, pose_tok, eval_ds, show, d.device), model.cfg.image_size)
+        probe = list(range(min(len(eval_ds), cfg.eval_batches * cfg.batch_size)))  # evaluate()'s samples
+        return {**tuple_errors(decode_samples(model, tok, pose_tok, eval_ds, show, d.device), model.cfg.image_size),
+                **loc_argmax_errors(model, tok, eval_ds, probe, d.device, cfg.batch_size)}
 
     last = train(run, net, train_ds, Collator(tok), cfg, d, eval_ds, extra_eval, resume=args.resume)
     if d.main:

@@ -7,7 +7,8 @@ Reading order:
   4. Batches: endless per-process batches from a MixtureSampler with a resumable data position;
   5. checkpoints: model.save_checkpoint + train_state.pt, written atomically, the last K kept;
   6. train(): the loop (bf16 autocast on CUDA, fp32 on CPU, grad-norm clip 1.0, tqdm, held-out
-     evaluation, Ctrl-C writes a checkpoint and exits);
+     evaluation with the image-sensitivity probe, also logged at step 0 before any update, Ctrl-C
+     writes a checkpoint and exits);
   7. the built-in tabletop data (sim_export), generated into a cache folder on first use.
 A resumed run continues exactly: optimiser, scheduler, every process's RNG and the data position
 are restored, and evaluation runs under a forked RNG so it never shifts the training randomness.
@@ -31,7 +32,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import MixtureSampler
-from model import CONFIGS, build_model, save_checkpoint
+from model import CONFIGS, build_model, image_sensitivity, save_checkpoint
+from tokenizer import loc_tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +246,7 @@ def wrap(model, cfg, d):
     if cfg.fsdp:
         if d.world < 2:
             raise ValueError("--fsdp needs several processes: torchrun --nproc_per_node=N ...")
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
         # Units must be modules whose forward() runs: joint_layer calls each layer's projections and
         # MLP directly, so the MLPs (most of the weights) and the vision layers are the shards, and
         # the root gathers the rest (embeddings, attention projections) around each forward.
@@ -253,6 +255,10 @@ def wrap(model, cfg, d):
         for layer in model.vlm.model.vision_tower.encoder.layers:
             fully_shard(layer)
         fully_shard(model)
+        # The image-sensitivity probe calls these directly, not through forward(): FSDP must gather
+        # the root's weights (embeddings, attention projections) around them too.
+        for method in ("joint_forward", "label_logits", "sample_actions"):
+            register_fsdp_forward_method(model, method)
         net = model
     elif d.world > 1:
         # Stage-dependent parts (expert in stage 1, dropped priors) get no gradient in some steps.
@@ -479,9 +485,10 @@ def losses(out):
 
 
 @torch.no_grad()
-def evaluate(net, dataset, collate, cfg, d):
+def evaluate(run, net, dataset, collate, cfg, d):
     """Mean held-out losses over the first eval_batches x batch x processes samples, under a
-    fixed, forked RNG (the training RNG stream is untouched, so resumed runs stay exact)."""
+    fixed, forked RNG (the training RNG stream is untouched, so resumed runs stay exact), and the
+    image-sensitivity probe (probe_images)."""
     n = cfg.eval_batches * cfg.batch_size * d.world
     idx = [i % len(dataset) for i in range(n)][d.rank::d.world]
     dataset.set_epoch(0)
@@ -495,7 +502,22 @@ def evaluate(net, dataset, collate, cfg, d):
                 sums += losses(net(batch, action_weight=cfg.action_weight))  # nan: that loss is absent
         net.train()
     loss, ntp, flow = _mean((sums / cfg.eval_batches).tolist(), d)
-    return {"eval_loss": loss, "eval_ntp_loss": ntp, "eval_flow_loss": flow}
+    return {"eval_loss": loss, "eval_ntp_loss": ntp, "eval_flow_loss": flow,
+            **probe_images(run, dataset, collate, cfg, d)}
+
+
+def probe_images(run, dataset, collate, cfg, d):
+    """model.image_sensitivity on the held-out set's first batch (at least 2 samples), keys prefixed
+    `eval_`; {} for a one-sample set. Every process probes the same samples, so the figures agree
+    without a reduction and FSDP's collectives line up."""
+    n = min(len(dataset), max(2, cfg.batch_size))
+    if n < 2:
+        return {}
+    dataset.set_epoch(0)
+    batch = to_device(collate([dataset[i] for i in range(n)]), d.device)
+    with autocast(d.device):
+        figures = image_sensitivity(run.model, batch, loc_ids=run.tok.convert_tokens_to_ids(loc_tokens()))
+    return {f"eval_{k}": v for k, v in figures.items()}
 
 
 def _log(run, d, record, bar=None):
@@ -524,6 +546,8 @@ def train(run, net, dataset, collate, cfg, d, eval_dataset=None, extra_eval=None
         if not resume:
             open(os.path.join(run.out, "train_log.jsonl"), "w").close()
     step = restore(resume, run, optimizer, scheduler, batches, cfg, d) if resume else 0
+    if not resume and eval_dataset is not None and cfg.eval_every:  # at init: what training changes
+        _log(run, d, {"step": 0, **probe_images(run, eval_dataset, collate, cfg, d)})
     stop, last = StopFlag(), None
     bar = tqdm(initial=step, total=cfg.steps, disable=not d.main, dynamic_ncols=True)
     window = {"time": 0.0, "wait": 0.0, "steps": 0}
@@ -553,7 +577,7 @@ def train(run, net, dataset, collate, cfg, d, eval_dataset=None, extra_eval=None
             window = {"time": 0.0, "wait": 0.0, "steps": 0}
         bar.update(1)
         if eval_dataset is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            record = {"step": step, **evaluate(net, eval_dataset, collate, cfg, d)}
+            record = {"step": step, **evaluate(run, net, eval_dataset, collate, cfg, d)}
             if extra_eval is not None:
                 record.update(extra_eval(run, d))
             _log(run, d, record, bar)

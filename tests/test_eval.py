@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,17 +28,17 @@ TABLETOP = {"robot": "tabletop", "cameras": ["head", "left_wrist", "right_wrist"
 
 @pytest.fixture(scope="module")
 def make_ckpt(tmp_path_factory):
-    """Factory: a tiny untrained checkpoint with the given recipe fields and action mean."""
+    """Factory: a tiny untrained checkpoint with the given recipe fields and action mean / std."""
     rng = np.random.default_rng(0)
     bins = PoseBins.fit(rng.normal(0, 0.3, (200, 3)) + [0, 0, 0.8], rng.uniform(0.02, 0.2, (200, 3)), n_bins=16)
     model, tok = build_model("tiny", bins, action_horizon=4)
     root = tmp_path_factory.mktemp("ckpts")
 
-    def make(name, action_mean=0.0, **recipe):
+    def make(name, action_mean=0.0, action_std=0.01, **recipe):
         recipe = {**TABLETOP, **recipe}
         Ds, Da = recipe["state_dim"], recipe["action_dim"]
         state = Stats.compute(rng.normal(size=(20, Ds)), rng.normal(size=(20, Da))).state
-        action = {"mean": [action_mean] * Da, "std": [0.01] * Da, "q01": [0.0] * Da, "q99": [0.0] * Da}
+        action = {"mean": [action_mean] * Da, "std": [action_std] * Da, "q01": [0.0] * Da, "q99": [0.0] * Da}
         path = str(root / name)
         save_checkpoint(path, model, tok, bins, extra={"stats.json": {"state": state, "action": action},
                                                        "recipe.json": recipe})
@@ -132,6 +133,34 @@ def test_action_queue_replans_every_exec_steps(make_ckpt):
         Policy(ck, exec_steps=11)
 
 
+def test_swap_sensitivity_measures_image_use_in_cm(make_ckpt):
+    views = synthetic_views()
+    probes = [(views, np.zeros(16), "pick up the red cube"),
+              ([dict(v, rgb=255 - v["rgb"], depth=v["depth"] + 0.3) for v in views], np.zeros(16),
+               "push the blue can to the left edge of the table")]
+    p = Policy(make_ckpt("sens"))
+    noise = p.generator.get_state()
+    s = eval_sim.swap_sensitivity(p, probes)
+    assert torch.equal(p.generator.get_state(), noise)  # the episodes' noise stream is untouched
+    assert s["observations"] == s["prompt_pairs"] == 2 and s["image_swap_cm"] > 0 and s["prompt_swap_cm"] > 0
+    # cm of the robot's raw actions: ten times the action std, ten times the displacement (up to the
+    # state statistics, which the factory draws afresh per checkpoint)
+    wide = eval_sim.swap_sensitivity(Policy(make_ckpt("sens_wide", action_std=0.1)), probes)
+    assert wide["image_swap_cm"] == pytest.approx(10 * s["image_swap_cm"], rel=0.01)
+    hook = p.model.fusion.register_forward_hook(lambda m, inputs, out: torch.zeros_like(out))  # image-blind
+    try:
+        blind = eval_sim.swap_sensitivity(p, probes)
+    finally:
+        hook.remove()
+    assert blind["image_swap_cm"] == 0.0 and blind["prompt_swap_cm"] > 0
+    assert eval_sim.swap_sensitivity(p, [(v, st, "x") for v, st, _ in probes])["prompt_swap_cm"] is None
+    # by hand: the left gripper 3 cm away at every step, the right one 4 cm at one step of two;
+    # quaternions and grippers are not positions
+    a, b = np.zeros((2, 16)), np.zeros((2, 16))
+    b[:, 0], b[0, 9:11], b[:, 3:8], b[:, 15] = 0.03, (0.0, 0.04), 0.5, 1.0
+    assert eval_sim.ee_move_cm(p, a, b) == pytest.approx((3 + 2) / 2)
+
+
 def test_bad_checkpoints_are_refused(make_ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         Policy(str(tmp_path / "nope"))
@@ -171,6 +200,8 @@ def test_tabletop_eval_records_the_protocol_and_gifs(make_ckpt, tmp_path):
     for e in r["episodes"]:  # graded measures: the gripper starts away from the target, can only get closer
         assert 5 < e["start_cm"] < 100 and 0 < e["min_reach_cm"] <= e["start_cm"] and e["touched"] in (True, False)
     assert r["per_task"]["pick"]["min_reach_cm"] == np.mean([e["min_reach_cm"] for e in r["episodes"]])
+    sens = r["image_sensitivity"]  # both episodes' first observations, each with the other's views
+    assert sens["observations"] == 2 and sens["image_swap_cm"] > 0
     gif = Image.open(os.path.join(out, f"pick_clean_{eval_sim.EVAL_SEED0}.gif"))
     assert gif.n_frames >= 2 and gif.size == (192, 192)
     assert not os.path.exists(os.path.join(out, f"pick_clean_{eval_sim.EVAL_SEED0 + 1}.gif"))

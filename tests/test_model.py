@@ -1,12 +1,14 @@
-"""model.py on the tiny configuration: mask, joint attention, PaliGemma equivalence, caches, I/O."""
+"""model.py on the tiny configuration: mask, joint attention, PaliGemma equivalence, caches, I/O,
+image sensitivity."""
 import numpy as np
 import pytest
 import torch
 from transformers import PaliGemmaForConditionalGeneration
 
 from model import (ACTION, LABEL, PREFIX, STATE, PoseVLA, attention_mask, build_model, count_parameters,
-                   last_index, load_checkpoint, paligemma_3b_config, paligemma_dict, save_checkpoint)
-from tokenizer import PoseBins, build_tiny_tokenizer
+                   image_sensitivity, last_index, load_checkpoint, paligemma_3b_config, paligemma_dict,
+                   save_checkpoint)
+from tokenizer import PoseBins, build_tiny_tokenizer, loc_tokens
 
 
 def tiny_bins(n_bins=32):
@@ -261,6 +263,75 @@ def test_flow_time_runs_from_actions_to_noise(tiny, monkeypatch):
         model(batch, noise=noise, time=torch.full((2,), t))
     for x_t, t in zip(seen, (0.0, 0.25, 1.0)):
         torch.testing.assert_close(x_t, t * noise + (1 - t) * batch["actions"])
+
+
+def probe_batch(model, tok):
+    """Targets with <loc> tokens, actions, and every view present (rolling a view mask alone would
+    change the prefix, whatever the images)."""
+    batch = make_batch(model, tok, labels=("<image0> red cube<loc0412><loc0530>;</image0>",
+                                           "<image0> blue can<loc0100><loc0900>;</image0>"))
+    batch["view_mask"][:] = True
+    return batch
+
+
+def test_image_sensitivity_sees_the_images(tiny):
+    model, tok = tiny
+    loc_ids = tok.convert_tokens_to_ids(loc_tokens())
+    batch = probe_batch(model, tok)
+    model.train()
+    rng = torch.get_rng_state()
+    try:
+        s = image_sensitivity(model, batch, loc_ids)
+        assert model.training and torch.equal(torch.get_rng_state(), rng)  # mode restored, RNG untouched
+    finally:
+        model.eval()
+    assert s["img_tv"] > 0 and s["img_tv_loc"] > 0 and s["img_tv_loc"] != s["img_tv"]
+    assert min(s["img_action_delta"], s["img_action_delta_first"], s["prompt_action_delta"]) > 0
+    # every sample with the same three (different) views: swapping samples changes nothing, exactly
+    same = dict(batch, images=batch["images"][:1].repeat(2, 1, 1, 1, 1))
+    s = image_sensitivity(model, same, loc_ids)
+    assert s["img_tv"] == s["img_tv_loc"] == s["img_action_delta"] == s["img_action_delta_first"] == 0.0
+    assert s["prompt_action_delta"] > 0
+    # and the same prompt everywhere: the prompt swap changes nothing (the state is not what it swaps)
+    one_prompt = dict(batch, prompt_ids=batch["prompt_ids"][:1].repeat(2, 1),
+                      prompt_mask=batch["prompt_mask"][:1].repeat(2, 1))
+    s = image_sensitivity(model, one_prompt)
+    assert s["prompt_action_delta"] == s["prompt_action_delta_first"] == 0.0 and s["img_action_delta"] > 0
+    assert np.isnan(s["img_tv_loc"])  # no <loc> ids given
+    with pytest.raises(ValueError, match=">= 2"):
+        image_sensitivity(model, {k: v[:1] for k, v in batch.items()})
+
+
+def test_image_blind_model_shows_no_image_sensitivity_but_prompt_sensitivity(tiny):
+    model, tok = tiny
+    loc_ids = tok.convert_tokens_to_ids(loc_tokens())
+    batch = probe_batch(model, tok)
+    hook = model.fusion.register_forward_hook(lambda m, inputs, out: torch.zeros_like(out))  # view features constant
+    try:
+        s = image_sensitivity(model, batch, loc_ids)
+    finally:
+        hook.remove()
+    assert s["img_tv"] == s["img_tv_loc"] == s["img_action_delta"] == s["img_action_delta_first"] == 0.0
+    assert s["prompt_action_delta"] > 0 and s["prompt_action_delta_first"] > 0
+
+    def blind_rgb(module, inputs, out):  # the same features for every image (nonzero: they scale the priors)
+        out.last_hidden_state = torch.ones_like(out.last_hidden_state)
+        return out
+    # RGB features constant but each sample with its own depth: the depth prior is swapped with the views
+    g = torch.Generator().manual_seed(3)
+    S, V = model.cfg.image_size, model.cfg.n_views
+    batch.update(depth=torch.cat([torch.rand(2, V, 1, S, S, generator=g) + 0.5, torch.ones(2, V, 1, S, S)], 2),
+                 has_depth=torch.ones(2, V, dtype=torch.bool))
+    gate = model.fusion.depth.gate  # zero at init: the prior would add nothing yet
+    hook = model.vlm.model.vision_tower.register_forward_hook(blind_rgb)
+    try:
+        with torch.no_grad():
+            gate.fill_(0.5)
+        assert image_sensitivity(model, batch, loc_ids)["img_tv"] > 0
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            gate.zero_()
 
 
 def test_checkpoint_round_trip(tiny, tmp_path):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -29,6 +30,12 @@ def log(run_dir, key="loss"):
         return [(r["step"], r[key]) for r in map(json.loads, f) if key in r]
 
 
+def records(run_dir, key):
+    """The train_log.jsonl records that hold `key`."""
+    with open(os.path.join(run_dir, "train_log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if key in r]
+
+
 def falls(values, k=3):
     return sum(values[-k:]) / k < sum(values[:k]) / k
 
@@ -39,7 +46,8 @@ def data(tmp_path_factory):
     paths = {"g": str(root / "ground"), "gv": str(root / "ground_val"), "d": str(root / "demos"),
              "dv": str(root / "demos_val")}
     sim_export.write_grounding(paths["g"], 6, seed=0, image_size=96, views_per_scene=2)
-    sim_export.write_grounding(paths["gv"], 1, seed=9, image_size=96, views_per_scene=1)
+    # 128 px: large enough that a held-out target lists objects (<loc> anchors to measure)
+    sim_export.write_grounding(paths["gv"], 1, seed=9, image_size=128, views_per_scene=1)
     sim_export.write_demos(paths["d"], "pick", 2, "clean", seed=0, image_size=48)
     sim_export.write_demos(paths["dv"], "pick", 1, "clean", seed=50, image_size=48)
     return paths
@@ -61,6 +69,11 @@ def test_pretrain_then_posttrain_end_to_end(stage1, data, tmp_path):
     assert os.path.isfile(os.path.join(stage1, "overlay.png"))
     evals = log(stage1, "eval_recall")
     assert evals and 0.0 <= evals[-1][1] <= 1.0
+    init, last = records(stage1, "eval_img_tv")  # before any update, and the evaluation at step 14
+    assert init["step"] == 0 and last["step"] == 14 and init["eval_img_tv"] > 0 and init["eval_img_tv_loc"] > 0
+    assert {"eval_img_tv_loc", "eval_loss", "eval_recall"} <= set(last)
+    assert last["eval_loc_anchors"] > 0 and last["eval_loc_argmax_err_px"] >= 0
+    assert 0 < last["eval_loc_centre_baseline_px"] < 112 / np.sqrt(2)
     with open(os.path.join(stage1, "step_000014", "recipe.json")) as f:
         assert json.load(f)["stage"] == "grounding"
 
@@ -69,8 +82,12 @@ def test_pretrain_then_posttrain_end_to_end(stage1, data, tmp_path):
                    "--out", motion, "--steps", "10", *FAST[:-2], "--eval-every", "10"])
     rows = log(motion)
     assert len(rows) == 10 and falls([v for _, v in rows])
-    assert {"ntp_loss", "flow_loss"} <= set(json.loads(open(os.path.join(motion, "train_log.jsonl")).readline()))
+    assert {"ntp_loss", "flow_loss"} <= set(records(motion, "loss")[0])
     assert log(motion, "eval_flow_loss")
+    init, last = records(motion, "eval_img_action_delta")
+    assert init["step"] == 0 and last["step"] == 10 and init["eval_img_action_delta"] > 0
+    for r in (init, last):  # trajectory text and actions: both figures, and the prompt-swap reference
+        assert {"eval_img_tv", "eval_img_action_delta_first", "eval_prompt_action_delta"} <= set(r)
 
     post = str(tmp_path / "post")
     posttrain.main(["--robot", "tabletop", "--init", motion, "--data", data["d"], "--out", post,
@@ -95,7 +112,7 @@ def script(name, *args):
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(stage1, data, tmp_path):
     args = ["--stage", "motion", "--init", stage1, "--data", data["d"], "--steps", "12", "--save-every", "100",
-            *FAST]
+            *FAST[:-2], "--eval-data", data["dv"], "--eval-every", "12"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     subprocess.run(script("pretrain.py", *args, "--out", whole), check=True, env=env, cwd=REPO,
@@ -103,7 +120,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(stage1, data, tmp_pat
     proc = subprocess.Popen(script("pretrain.py", *args, "--out", parts), env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log_path = os.path.join(parts, "train_log.jsonl")
-    while proc.poll() is None and not (os.path.exists(log_path) and len(open(log_path).readlines()) >= 3):
+    while proc.poll() is None and not (os.path.exists(log_path) and open(log_path).read().count('"loss"') >= 3):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, write a checkpoint, exit
     output = proc.communicate(timeout=120)[0]
@@ -114,6 +131,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(stage1, data, tmp_pat
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert log(parts) == log(whole) and len(log(whole)) == 12
     assert log(parts, "flow_loss") == log(whole, "flow_loss")
+    # held-out figures too, the image-sensitivity probe at init (once, not again on resume) included
+    assert records(parts, "eval_img_tv") == records(whole, "eval_img_tv")
+    assert [r["step"] for r in records(whole, "eval_img_tv")] == [0, 12]
 
 
 DRIVER = """
@@ -180,9 +200,9 @@ def test_bad_arguments_and_checkpoints_fail_at_start(stage1, data, tmp_path):
 def test_fsdp_two_processes_train_save_and_resume(data, tmp_path):
     out = str(tmp_path / "fsdp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO, "posttrain.py"), "--robot", "tabletop", "--data", data["d"], "--out", out,
-           "--steps", "3", "--save-every", "2", "--batch-size", "2", "--log-every", "1", "--workers", "0", "--fsdp",
-           "--grad-checkpointing"]
+           os.path.join(REPO, "posttrain.py"), "--robot", "tabletop", "--data", data["d"], "--eval-data", data["dv"],
+           "--out", out, "--steps", "3", "--save-every", "2", "--eval-every", "3", "--batch-size", "2",
+           "--log-every", "1", "--workers", "0", "--fsdp", "--grad-checkpointing"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -192,6 +212,9 @@ def test_fsdp_two_processes_train_save_and_resume(data, tmp_path):
                                     "--out", again], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert log(again) == log(out)
+    # the image-sensitivity probe runs outside forward(): FSDP gathers the weights for it too
+    probes = records(out, "eval_img_action_delta")
+    assert [r["step"] for r in probes] == [0, 3] and probes == records(again, "eval_img_action_delta")
 
 
 def test_trainable_switches(data):
@@ -207,3 +230,29 @@ def test_trainable_switches(data):
     set_trainable(model, TrainConfig(train_expert_only=True))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(("expert_", "state_proj", "action_")) for n in names)
+
+
+def test_loc_argmax_error_reads_the_location_distribution_alone():
+    S, loc_ids = 112, list(range(1500, 2524))  # 1024 <loc> token ids in a vocabulary of 3000
+    L = lambda i: loc_ids[i]  # noqa: E731
+    label_ids = torch.tensor([[5, L(412), L(530), 7, 8, L(100), L(200), L(300), L(400), 1],  # a (u, v), a 2D box
+                              [9, L(50), L(60), 1, L(700), L(800), 0, 0, 0, 0]])               # a (u, v)
+    label_mask = torch.tensor([[True] * 10, [True] * 4 + [False] * 6])  # the later <loc> ids are padding
+    truth = {(0, 1): 412, (0, 2): 530, (0, 5): 100, (0, 6): 200, (0, 7): 300, (0, 8): 400, (1, 1): 50, (1, 2): 60}
+
+    def logits(peaks):  # teacher-forced logits whose <loc> argmax at (sample, position) is peaks[...]
+        out = torch.randn(2, 10, 3000, generator=torch.Generator().manual_seed(0))
+        out[:, :, 6] = 50.0  # another token (<no_object>, say) wins the plain argmax everywhere
+        for (b, k), bin_ in peaks.items():
+            out[b, k, loc_ids[bin_]] = 10.0
+        return out
+    px = S / 1024  # one <loc> bin in pixels; a token decodes to its bin centre
+    centres = [np.array([412.5, 530.5]) * px, np.array([200.5, 300.5]) * px, np.array([50.5, 60.5]) * px]
+    errors, baseline = pretrain.anchor_errors(logits(truth), label_ids, label_mask, loc_ids, S)
+    assert errors == [0.0, 0.0, 0.0]
+    np.testing.assert_allclose(baseline, [np.linalg.norm(c - S / 2) for c in centres])
+    # u 10 bins right and v 20 up; the box's x1 8 bins right moves its centre 4 bins
+    errors, same = pretrain.anchor_errors(logits({**truth, (0, 1): 422, (0, 2): 510, (0, 5): 108}), label_ids,
+                                          label_mask, loc_ids, S)
+    np.testing.assert_allclose(errors, [np.hypot(10, 20) * px, 4 * px, 0.0], atol=1e-9)
+    assert same == baseline  # the image centre does not depend on the model
