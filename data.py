@@ -176,7 +176,8 @@ class GroundingDataset(_Resilient):
         H, W = image.shape[:2]
         present = {_label(o.name) for o in im.objects}
         negative = rng.random() < self.neg_frac and self._absent_class(rng, present)
-        negative = negative and not every_object
+        if every_object:  # drawn all the same, so the crops match the plain sample's
+            negative = None
         mine = [o for o in im.objects if _label(o.name) == name]
         views = []
         for v in range(self.n_views):  # view 0: head crop; then wrist crops, maybe around an instance

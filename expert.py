@@ -7,16 +7,17 @@ end-effector target from *privileged* simulator state (true object poses and siz
 command then moves there by linear interpolation (nlerp for quaternions) over n_steps control
 steps. A policy never sees this state; only the demonstrations it produces.
 
-- pick: the arm on the target's side goes above it with the jaw across its short side, descends,
-  closes, lifts 15 cm and holds.
+- pick: the arm on the target's side goes above it with the jaw across its short side, descends
+  until the jaw is 3 cm below the object's top, closes, lifts 15 cm and holds.
 - place: pick, then carry the object above the receptacle (plate or bowl), lower it onto the
   receptacle's surface, open and rise.
 - push: the arm behind the target (opposite to the push direction) lowers its closed jaw beside it
   and pushes it in three segments of at most 15 cm, re-centred on the object's current y, towards
   the table edge, then retreats up.
-- handover: the giver (the arm on the target's side) picks the object high and brings it to the
-  middle while the receiver turns sideways; the receiver grasps the free lower part, the giver
-  opens and rises, and the receiver moves away with it.
+- handover: the giver (the arm on the target's side) picks the object, lifts it above everything
+  on the table and brings it in front of the middle while the receiver turns sideways; the
+  receiver grasps the free lower part, the giver opens and rises, and the receiver moves away
+  with it.
 
 `rollout` runs one episode, `expert_action` gives the next action for an env's current episode,
 `max_steps` is the benchmark's step limit derived from the plan lengths, and `show` writes a PNG and
@@ -86,9 +87,11 @@ def _above(env, cmd):
 
 
 def _descend(env, cmd):
+    """Jaw `depth` below the object's top (at least 2 cm above its base): the palm sits 3.5 cm above
+    the TCP, so a deeper grasp would press a tall object (can, bottle) into the table."""
     pos, base, h, _, _ = _geometry(env, 0)
     depth = 0.02 if env.task == "handover" else 0.03  # handover leaves the lower part free
-    return _set(cmd, _arm(env), [pos[0], pos[1], base + max(0.02, min(h / 2, h - depth))])
+    return _set(cmd, _arm(env), [pos[0], pos[1], base + max(0.02, h - depth)])
 
 
 def _close(env, cmd):
@@ -156,14 +159,19 @@ def _retreat_up(env, cmd):
     return _set(cmd, _arm(env), [*_tcp(cmd, _arm(env))[:2], 0.15])
 
 
+# Where the giver brings the object's base (x towards the giver's side, y, z). 20 cm up, the receiver
+# (TCP 2 cm above the base, palm reaching 2 cm below its TCP) passes over the tallest object on the
+# table (bottles up to 18 cm); 5 cm in front of the middle keeps the raised object in the head view.
+HANDOVER_BASE = (0.03, -0.05, 0.2)
+
+
 def _to_centre(env, cmd):
-    """Giver lifts the object to 15 cm and brings it near the middle; receiver turns sideways."""
+    """Giver lifts the object to HANDOVER_BASE in front of the middle; receiver turns sideways."""
     arm, rec = _arm(env), _other_arm(_arm(env))
     pos, base, _, _, _ = _geometry(env, 0)
-    tcp = _tcp(cmd, arm)
-    lift = 0.15 - base
-    out = _set(cmd, arm, [env.side * 0.03 + tcp[0] - pos[0], tcp[1], tcp[2] + lift])
-    return _set(out, rec, [-env.side * 0.22, pos[1], 0.15 + 0.02], side_quat(-env.side), 1.0)
+    x, y, z = HANDOVER_BASE
+    out = _set(cmd, arm, _tcp(cmd, arm) + [env.side * x - pos[0], y - pos[1], z - base])
+    return _set(out, rec, [-env.side * 0.22, y, z + 0.02], side_quat(-env.side), 1.0)
 
 
 def _receive(env, cmd):

@@ -47,11 +47,13 @@ COLOURS = {"red": (0.85, 0.12, 0.1), "green": (0.15, 0.65, 0.2), "blue": (0.12, 
            "yellow": (0.95, 0.85, 0.1), "orange": (0.95, 0.5, 0.08), "purple": (0.55, 0.22, 0.7),
            "white": (0.92, 0.92, 0.9), "black": (0.1, 0.1, 0.1)}
 # category -> (size sampler over full extents (sx, sy, sz), graspable); bodies sit on their base.
+# The ball, seen as a bare disc, is the smallest target in the head view: at 7.2 cm it still spans
+# 16 px of the 128 px render (14 px at the model's 112) at the far edge of the WORKSPACE.
 CATALOGUE = {
     "cube": (lambda r: np.full(3, r.uniform(0.05, 0.065)), True),
     "block": (lambda r: np.array([r.uniform(0.095, 0.13), r.uniform(0.036, 0.048), r.uniform(0.036, 0.048)]), True),
     "can": (lambda r: _round(r.uniform(0.026, 0.036), r.uniform(0.11, 0.14)), True),
-    "ball": (lambda r: np.full(3, 2 * r.uniform(0.031, 0.039)), True),
+    "ball": (lambda r: np.full(3, 2 * r.uniform(0.036, 0.042)), True),
     "bottle": (lambda r: _round(r.uniform(0.025, 0.031), r.uniform(0.15, 0.18)), True),
     "plate": (lambda r: _round(r.uniform(0.06, 0.072), 0.012), False),
     "bowl": (lambda r: _round(r.uniform(0.051, 0.064), r.uniform(0.04, 0.05)), False),

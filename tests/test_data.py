@@ -89,6 +89,9 @@ def test_grounding_negatives_and_determinism(omni):
     i = [k for k, (_, n) in enumerate(ds.samples) if n == "red cube"][0]
     views, prompt, target = ds.build(i)  # image holds red cube + blue bowl: only green ball shares no word
     assert prompt == "detect the green ball" and target == tok.encode_negative("green ball", 3)
+    dense, prompt, _ = ds.build(i, every_object=True)  # never a negative; same crops, every object
+    assert prompt == "detect the red cube" and [v.crop for v in dense] == [v.crop for v in views]
+    assert {o.name for v in dense for o in v.objects} == {"red cube", "blue bowl"}
     ds = GroundingDataset(omni, tok, S, seed=5)
     a, b = ds[1], ds[1]
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -102,21 +105,27 @@ def test_grounding_negatives_and_determinism(omni):
 
 
 def test_grounding_box_filter_in_view_pixels(omni):
-    """SPEC 6's 10 px box side holds in the letterboxed view the model sees and in source pixels."""
-    def sides(size, min_px):  # (view side, source side) of every listed box over 3 epochs
+    """SPEC 6's box filter (longer side >= 10 px, shorter side >= 3 px) holds in the letterboxed view
+    the model sees and in source pixels."""
+    def sides(size, min_px, min_side_px):  # (n, [longer, shorter], [view, source]) over 3 epochs
         ds = GroundingDataset(omni, tokenizer_for(omni, size), size, neg_frac=0.0, seed=1,
-                              views=ViewConfig(min_box_px=min_px))
+                              views=ViewConfig(min_box_px=min_px, min_side_px=min_side_px))
         out = []
         for epoch in range(3):
             ds.set_epoch(epoch)
-            out += [min(o.box2d[2] - o.box2d[0], o.box2d[3] - o.box2d[1]) / np.r_[1, v.lb.scale]
-                    for i in range(len(ds)) for v in ds.build(i)[0] for o in v.objects]
-        return np.array(out).reshape(-1, 2)
+            for i in range(len(ds)):
+                for v in ds.build(i)[0]:
+                    for o in v.objects:
+                        wh = sorted((o.box2d[2] - o.box2d[0], o.box2d[3] - o.box2d[1]), reverse=True)
+                        out.append(np.outer(wh, [1, 1 / v.lb.scale]))
+        return np.array(out).reshape(-1, 2, 2)
     for size in (32, 448):  # the 160x120 source shrunk ~5x, and enlarged ~3x
-        s = sides(size, 10.0)
-        assert len(s) > 0 and np.all(s >= 10.0 - 1e-6), size
-    s = sides(32, 0.0)  # boxes a source-pixel filter alone would keep are too small in the view
-    assert np.any((s[:, 1] >= 10) & (s[:, 0] < 10))
+        s = sides(size, 10.0, 3.0)
+        assert len(s) > 0 and np.all(s[:, 0] >= 10.0 - 1e-6) and np.all(s[:, 1] >= 3.0 - 1e-6), size
+    s = sides(448, 10.0, 3.0)  # a thin box the model still sees is kept
+    assert np.any(s[:, 1] < 10.0)
+    s = sides(32, 0.0, 0.0)  # boxes a source-pixel filter alone would keep are too small in the view
+    assert np.any((s[:, 0, 1] >= 10) & (s[:, 0, 0] < 10))
 
 
 def test_grounding_bop(tmp_path):

@@ -1,5 +1,6 @@
 """Tests for the built-in tabletop world (sim.py), its scripted experts (expert.py) and its writers
 (sim_export.py)."""
+import functools
 import io
 import json
 import os
@@ -31,6 +32,49 @@ def test_expert_succeeds_on_fixed_seeds(task, setting):
         target = env.objects[0]
         assert target.name in env.instruction
         assert any(o.category == target.category and o.name != target.name for o in env.objects)
+
+
+MODEL_INPUT, PATCH = 112, 14  # the tiny VLA's letterboxed input side and ViT patch side, pixels
+
+
+@functools.lru_cache(maxsize=None)
+def _head_target_at_reset(task, setting, seeds=range(50)):
+    """Per seed at reset: (seed, longer side of the target's visible box in the head view at the
+    model's 112 px input, the target's visible pixels over its count with the grippers hidden).
+    The box side is a pixel extent (max - min + 1), as it covers that many pixels."""
+    size = 128  # the world's render size
+    env = sim.TabletopEnv(task, setting, image_size=size, cameras=("head",))
+    out = []
+    for seed in seeds:
+        seg = env.reset(seed)["cameras"]["head"]["seg"]
+        vs, us = np.nonzero(seg == 0)
+        side = (max(us.max() - us.min(), vs.max() - vs.min()) + 1) * MODEL_INPUT / size if len(us) else 0.0
+        m = env.model
+        arms = [m.body(f"{a}_{part}").id for a in sim.ARMS for part in ("hand", "finger_a", "finger_b")]
+        env.views.update(env.data, m.camera("head").id)
+        gid = env.views.geom_ids(keep=set(np.flatnonzero(~np.isin(m.geom_bodyid, arms)).tolist()))
+        unhidden = int((env._geom_obj[gid[gid >= 0]] == 0).sum())
+        out.append((seed, side, len(us) / max(unhidden, 1)))
+    env.close()
+    return out
+
+
+@pytest.mark.parametrize("setting", sim.SETTINGS)
+@pytest.mark.parametrize("task", sim.TASKS)
+def test_target_spans_a_patch_at_the_model_input(task, setting):
+    """Design rule of sim.WORKSPACE, HEAD_CAMERA and CATALOGUE: at the start of every task the
+    target's visible box in the head view spans at least one 14 px patch at the model's 112 px."""
+    for seed, side, _ in _head_target_at_reset(task, setting):
+        assert side >= PATCH, f"{task}/{setting} seed {seed}: target spans {side:.1f} px at {MODEL_INPUT} px"
+
+
+@pytest.mark.parametrize("setting", sim.SETTINGS)
+@pytest.mark.parametrize("task", sim.TASKS)
+def test_grippers_hide_no_target_at_reset(task, setting):
+    """The arms wait at sim.HOME, out of the way: at reset they hide at most 10 % of the target's
+    pixels in the head view (cf. sim_export.scan_view's unoccluded counts)."""
+    for seed, _, visible in _head_target_at_reset(task, setting):
+        assert visible > 0.9, f"{task}/{setting} seed {seed}: grippers leave {visible:.0%} of the target visible"
 
 
 def test_nothing_happens_without_the_expert():
