@@ -1,10 +1,11 @@
 """The paper's central claim in miniature (SPEC sections 8 and 10): does pose pre-training make
 few-demonstration post-training work?
 
-Four arms share the tiny architecture, the post-training demonstrations, the post-training steps
-and the evaluation seeds; only the starting point of post-training differs:
+Four arms share the tiny architecture, the tiny VLM they start from (vlm.py: PaliGemma's role,
+built once on the experiment's grounding scenes), the post-training demonstrations, the
+post-training steps and the evaluation seeds; only the starting point of post-training differs:
 
-  none         no pre-training: post-training starts from the random VLM
+  none         no pose pre-training: post-training starts from the tiny VLM
   semantic     pre-training on the same scenes and robot demos with the same steps, but text targets
                without poses: names + 2D boxes (stage 1) and flow matching only (stage 2)
   pose         pose pre-training: stage 1 grounding tuples, stage 2 waypoint tuples + flow (x10)
@@ -58,7 +59,9 @@ POST_DEMO_SEED = 50_000  # post-training demos: env seeds 50000, ...; stage-2 de
 
 @dataclass
 class Budget:
-    grounding_scenes: int  # stage-1 scenes of the built-in world (2 views each), all pre-trained arms
+    grounding_scenes: int  # scenes of the built-in world (2 views each): the tiny VLM and every stage 1
+    vlm_vision_steps: int  # the tiny VLM: its vision tower's own objective ...
+    vlm_steps: int         # ... then 2D boxes with the tower frozen
     motion_demos: int      # stage-2 demos per task and setting (both settings: the world's variety)
     stage1_steps: int
     stage2_steps: int
@@ -75,14 +78,14 @@ class Budget:
 
 BUDGETS = {
     # Every part of the pipeline once, at a size where nothing is learned: for CI and for a first look.
-    "quick": Budget(grounding_scenes=8, motion_demos=1, stage1_steps=4, stage2_steps=4, post_steps=4,
+    "quick": Budget(grounding_scenes=8, vlm_vision_steps=4, vlm_steps=4, motion_demos=1, stage1_steps=4, stage2_steps=4, post_steps=4,
                     batch_size=2, demos=2, curve=(1, 2), seeds=2, episodes=1, grounding_samples=2, workers=0,
                     eval_max_steps=8),
     # About 1 h 50 min on a 2-core CPU (106 min measured).
-    "default": Budget(grounding_scenes=300, motion_demos=6, stage1_steps=400, stage2_steps=200, post_steps=250,
+    "default": Budget(grounding_scenes=300, vlm_vision_steps=1500, vlm_steps=1500, motion_demos=6, stage1_steps=400, stage2_steps=200, post_steps=250,
                       batch_size=8, demos=20, curve=(5, 20, 50), seeds=3, episodes=5, grounding_samples=16),
     # A GPU: longer pre-training and post-training, more evaluation episodes.
-    "large": Budget(grounding_scenes=1000, motion_demos=10, stage1_steps=6000, stage2_steps=2000, post_steps=2000,
+    "large": Budget(grounding_scenes=1000, vlm_vision_steps=3000, vlm_steps=6000, motion_demos=10, stage1_steps=6000, stage2_steps=2000, post_steps=2000,
                     batch_size=32, demos=20, curve=(5, 10, 20, 50), seeds=3, episodes=20, grounding_samples=64),
 }
 
@@ -165,14 +168,23 @@ def make_data(ledger, b, cache):
     return g, motion, post
 
 
-def pretrain_arm(ledger, arm, b, out, data):
-    """Stages 1 and 2 of one arm; returns (stage-1 checkpoint, stage-2 checkpoint)."""
+def pretrain_vlm(ledger, b, out, g):
+    """The tiny VLM every arm starts from (pretrain.py --stage vlm on the experiment's scenes)."""
+    return train_step(ledger, "pretrain tiny VLM", pretrain.main, os.path.join(out, "pretrain", "vlm"), b.vlm_steps,
+                      ["--stage", "vlm", "--data", g["train"], "--eval-data", g["val"], "--steps", str(b.vlm_steps),
+                       "--vision-steps", str(b.vlm_vision_steps), "--save-every", str(max(1, b.vlm_steps // 4)),
+                       "--batch-size", str(b.batch_size), "--eval-every", "0", "--show", "0", "--seed", "0",
+                       "--workers", str(b.workers)])
+
+
+def pretrain_arm(ledger, arm, b, out, data, vlm):
+    """Stages 1 and 2 of one arm from the tiny VLM; returns (stage-1 checkpoint, stage-2 checkpoint)."""
     targets, priors = ARMS[arm]
     g, motion = data
     common = ["--batch-size", str(b.batch_size), "--eval-every", "0", "--targets", targets, "--seed", "0",
               "--workers", str(b.workers)]
     s1 = train_step(ledger, f"pretrain {arm} stage 1", pretrain.main, os.path.join(out, "pretrain", arm, "stage1"),
-                    b.stage1_steps, ["--stage", "grounding", "--data", g["train"], "--eval-data", g["val"],
+                    b.stage1_steps, ["--stage", "grounding", "--init", vlm, "--data", g["train"], "--eval-data", g["val"],
                                      "--steps", str(b.stage1_steps), "--save-every", str(max(1, b.stage1_steps // 4)),
                                      "--show", "0"] + ([] if priors else ["--no-priors"]) + common)
     s2 = train_step(ledger, f"pretrain {arm} stage 2", pretrain.main, os.path.join(out, "pretrain", arm, "stage2"),
@@ -196,7 +208,7 @@ def post_and_eval(ledger, arm, n, seed, init, b, out, post, args):
     argv = ["--robot", "tabletop", "--data", ",".join(post), "--episodes", str(n), "--steps", str(b.post_steps),
             "--batch-size", str(b.batch_size), "--seed", str(seed), "--eval-every", "0",
             "--save-every", str(max(1, b.post_steps // 2)), "--workers", str(b.workers)]
-    argv += ["--init", init] if init else ([] if ARMS[arm][1] else ["--no-priors"])
+    argv += ["--init", init] + ([] if ARMS[arm][1] else ["--no-priors"])
     ckpt = train_step(ledger, f"posttrain {tag}", posttrain.main, run_dir(out, arm, n, seed), b.post_steps, argv)
     gifs = "1" if seed == 0 and n == b.demos else "0"
     for setting in SETTINGS:
@@ -215,7 +227,7 @@ def plan(b):
 
 def count_steps(b):
     data = 2 + len(sim.TASKS) * (len(SETTINGS) + 1)
-    pre = 3 * (len(ARMS) - 1)  # two stages + grounding evaluation per pre-trained arm
+    pre = 1 + 3 * (len(ARMS) - 1)  # the tiny VLM, then two stages + grounding evaluation per pre-trained arm
     return data + pre + len(plan(b)) * b.seeds * (1 + len(SETTINGS))
 
 
@@ -422,7 +434,7 @@ def main(argv=None):
     proto_path = os.path.join(args.out, "protocol.json")
     budget = json.loads(json.dumps(asdict(b)))  # as protocol.json holds it (tuples become lists)
     protocol = {"budget_name": args.budget, "budget": budget, "arms": {
-        "none": "post-training from the random VLM", "semantic": "stage 1 names + 2D boxes, stage 2 flow matching only",
+        "none": "post-training from the tiny VLM", "semantic": "stage 1 names + 2D boxes, stage 2 flow matching only",
         "pose": "stage 1 pose tuples, stage 2 waypoint tuples + flow (x10)", "pose+priors": "as pose, with depth and ray priors"},
         "seeds": "pre-training: seed 0, once per arm; post-training (and evaluation policy noise): seeds 0..seeds-1",
         "post_training_demos": f"clean, env seeds {POST_DEMO_SEED}+ (first N episodes)",
@@ -442,10 +454,10 @@ def main(argv=None):
     ledger = Ledger(args.out, count_steps(b))
     ledger.after = lambda: write_results(b, args.out, protocol, ledger)
     g, motion, post = make_data(ledger, b, args.cache)
-    init = {"none": None}
+    init = {"none": pretrain_vlm(ledger, b, args.out, g)}
     for arm in ARMS:
         if ARMS[arm][0]:
-            s1, init[arm] = pretrain_arm(ledger, arm, b, args.out, (g, motion))
+            s1, init[arm] = pretrain_arm(ledger, arm, b, args.out, (g, motion), init["none"])
             eval_step(ledger, f"grounding {arm}", os.path.join(args.out, "pretrain", arm, "grounding"),
                       ["--grounding", "--ckpt", s1, "--data", g["val"], "--max-samples", str(b.grounding_samples),
                        "--overlays", "2", "--device", args.device])

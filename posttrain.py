@@ -8,8 +8,9 @@ recipe.json (cameras, chunk, stride, layout), so evaluation sees the robot exact
     python posttrain.py --robot tabletop --out runs/post_no_pose      # "without pose pre-training"
     python posttrain.py --robot robotwin --data /data/robotwin/place_shoe --init CKPT --config paligemma-3b
 
-Without --init the policy starts from the plain VLM (--vlm DIR, or random for the tiny config):
-the paper's baseline without pose pre-training. With --init, the checkpoint's weights, tokenizer
+Without --init the policy starts from the plain VLM: --vlm DIR (PaliGemma), or for the tiny config
+on the built-in demos the tiny VLM (vlm.py, built on first use): the paper's baseline without pose
+pre-training. With --init, the checkpoint's weights, tokenizer
 and pose bins are used. The story: recipe -> data and statistics -> model -> loop (trainer.py).
 """
 import argparse
@@ -20,11 +21,10 @@ import numpy as np
 
 from data import Collator, RobotDataset, Stats, fit_bins, open_source
 from formats import detect_format
-from model import load_checkpoint
 from tokenizer import PoseBins
-from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, check_checkpoint, config_name, fresh_model, parse_args,
-                     resolve_checkpoint, seed_everything, set_trainable, setup_distributed, train,
-                     train_config, wrap)
+import vlm
+from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, check_checkpoint, config_name, parse_args,
+                     set_trainable, setup_distributed, start_model, train, train_config, wrap)
 
 
 @dataclass
@@ -107,19 +107,13 @@ def fit_stats(srcs):
                          np.concatenate([e.action for s in srcs for e in s.episodes]))
 
 
-def model_for(args, paths):
-    """--resume, --init, or the plain VLM. Flow-only training emits no pose tokens, but the vocabulary
-    needs bins: fitted from end-effector poses when the data has them, else a generic tabletop range."""
-    ckpt = args.resume or (args.init and resolve_checkpoint(args.init))
-    if ckpt:
-        return load_checkpoint(ckpt)
-    seed_everything(args.seed)
+def generic_bins(paths):
+    """Flow-only training emits no pose tokens, but the vocabulary needs bins: fitted from end-effector
+    poses when the data has them, else a generic tabletop range."""
     try:
-        bins = fit_bins(paths, n_bins=256)
+        return fit_bins(paths, n_bins=256)
     except ValueError:
-        bins = PoseBins(np.linspace(-1.0, 1.0, 257), np.linspace(0.0, 2.0, 257), np.linspace(0.0, 1.0, 257))
-    model, tok = fresh_model(args, bins)
-    return model, tok, bins
+        return PoseBins(np.linspace(-1.0, 1.0, 257), np.linspace(0.0, 2.0, 257), np.linspace(0.0, 1.0, 257))
 
 
 def main(argv=None):
@@ -133,7 +127,8 @@ def main(argv=None):
     eval_paths = split_paths(args.eval_data) or ([] if args.data else builtin_demos(args.cache, "val", d))
     srcs = sources(paths, recipe, args.episodes)
     stats = Stats.load(os.path.join(args.resume, "stats.json")) if args.resume else fit_stats(srcs)
-    model, tok, bins = model_for(args, paths)
+    args.init = args.init or vlm.default_init(args, d)  # without --init: the plain VLM (the tiny one here)
+    model, tok, bins = start_model(args, lambda: generic_bins(paths))
     args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
     model.cfg.action_horizon = recipe.chunk
     cameras = recipe.cameras or srcs[0].cameras[:model.cfg.n_views]

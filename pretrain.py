@@ -33,10 +33,9 @@ import vlm
 from data import Collator, fit_bins, open_datasets
 from eval_sim import CENTRE_HIT, centre_errors, overlay, stack
 from formats import detect_format
-from model import load_checkpoint
 from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
 from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint,
-                     config_name, fresh_model, parse_args, resolve_checkpoint, seed_everything, set_trainable, setup_distributed, to_device,
+                     config_name, parse_args, set_trainable, setup_distributed, start_model, to_device,
                      train, train_config, wrap)
 
 MAX_NEW_TOKENS = 200  # a few tuples of ~16 tokens in each of 3 views
@@ -54,9 +53,6 @@ def build_parser():
     p.add_argument("--init", default=None,
                    help="checkpoint to start from (required for --stage motion; stage grounding on the built-in "
                         "data with the tiny config defaults to the tiny VLM in --cache, built on first use)")
-    p.add_argument("--scratch", action="store_true",
-                   help="stage grounding: start from random weights instead of the tiny VLM (the vision tower "
-                        "then collapses: kept to show why the tiny VLM exists)")
     p.add_argument("--vision-steps", type=int, default=vlm.VisionConfig.steps,
                    help="stage vlm: steps of the vision tower's own dense objective before the decoder joins")
     p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
@@ -101,17 +97,6 @@ def data_paths(args, d):
     make = builtin_grounding if args.stage != "motion" else builtin_demos
     as_list = lambda x: x if isinstance(x, list) else [x]  # noqa: E731
     return as_list(make(args.cache, "train", d)), split_paths(args.eval_data) or as_list(make(args.cache, "val", d))
-
-
-def model_for(args, train_paths):
-    """From --resume, --init, or fresh (bins fitted on the training data, weights from --vlm or random)."""
-    ckpt = args.resume or (args.init and resolve_checkpoint(args.init))
-    if ckpt:
-        return load_checkpoint(ckpt)
-    seed_everything(args.seed)
-    bins = fit_bins(train_paths, n_bins=args.n_bins)
-    model, tok = fresh_model(args, bins)
-    return model, tok, bins
 
 
 def datasets(args, paths, eval_paths, pose_tok, cfg):
@@ -261,16 +246,16 @@ def main(argv=None):
     train_paths, eval_paths = data_paths(args, d)
     if args.stage == "vlm":  # PaliGemma's recipe: 2D detection text, decoder only, on a trained tower
         args.targets, args.freeze_vision = "boxes", True
-    elif args.stage == "grounding" and not (args.init or args.resume or args.vlm or args.data or args.scratch) \
-            and args.config in (None, "tiny"):
-        args.init = vlm.tiny_vlm(args.cache, d)  # the tiny VLM plays PaliGemma's role
-    model, tok, bins = model_for(args, train_paths)
+    elif args.stage == "grounding":
+        args.init = args.init or vlm.default_init(args, d)  # the tiny VLM plays PaliGemma's role
+    model, tok, bins = start_model(args, lambda: fit_bins(train_paths, n_bins=args.n_bins))
     args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
     cfg = train_config(args)
     cfg.action_weight = 10.0 if args.stage == "motion" else 1.0  # SPEC 6: action loss x10 in stage 2
     pose_tok = PoseTokenizer(bins, model.cfg.image_size)
     train_ds, eval_ds = datasets(args, train_paths, eval_paths, pose_tok, model.cfg)
     if args.stage == "vlm" and not args.resume:
+        vlm.init_loc_embeddings(model, tok)
         model.to(d.device)
         vlm.pretrain_vision(model, train_ds, vlm.VisionConfig(steps=args.vision_steps, seed=args.seed), eval_ds, d.device)
     set_trainable(model, cfg)

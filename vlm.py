@@ -8,7 +8,8 @@ So it is made the way PaliGemma was made, in two phases (`python pretrain.py --s
 
   1. **Vision first** (this file): the SigLIP tower alone learns a dense objective of its own on the
      grounding data, per 14 px patch: which object covers the patch (its class, or background),
-     the offset from the patch centre to that object's 2D box centre, and the object's log depth.
+     where that object's 2D box centre is in the image (absolute, so the feature carries the
+     position the decoder must later write as <loc> tokens), and the object's log depth.
      A linear head reads each patch feature; it is thrown away afterwards. The targets come from the
      same pseudo-views (crops, letterboxing) and 2D boxes as stage 1, so any grounding dataset works.
   2. **Then the decoder** (pretrain.py's ordinary loop): the projector and Gemma decoder learn to
@@ -37,7 +38,7 @@ class VisionConfig:
     lr: float = 1e-3
     warmup: int = 50
     background_weight: float = 0.3  # most patches are table: weigh them down so objects dominate
-    offset_weight: float = 1.0      # box-centre offsets (image units, ~0.05) next to log depth (~0.3)
+    centre_weight: float = 1.0      # box centres (image units, 0..1) next to log depth (~0.3)
     log_every: int = 100
     seed: int = 0
 
@@ -46,22 +47,22 @@ def patch_targets(objects, size, patch):
     """Dense targets of one view from its labelled objects (ObjectPose, view pixels).
 
     Returns cls (P,) int64 (0 = background, k = objects[k-1] covers the patch centre; the nearer
-    object wins where boxes overlap), offset (P, 2) float32 (box centre - patch centre, / size) and
+    object wins where boxes overlap), centre (P, 2) float32 (the object's box centre / size) and
     log_depth (P,) float32 (log of the object's camera z), both 0 on background. P = (size/patch)^2,
     row-major like the tower's patch tokens."""
     n = size // patch
     centre = (np.arange(n) + 0.5) * patch - 0.5                                 # patch centres, pixel coords
     u, v = np.meshgrid(centre, centre)                                          # (n, n) each, row-major
     cls = np.zeros((n, n), np.int64)
-    offset = np.zeros((n, n, 2), np.float32)
+    centre_uv = np.zeros((n, n, 2), np.float32)
     log_depth = np.zeros((n, n), np.float32)
     for k in sorted(range(len(objects)), key=lambda k: -objects[k].t[2]):      # far first, near overwrites
         x1, y1, x2, y2 = objects[k].box2d
         inside = (u >= x1) & (u <= x2) & (v >= y1) & (v <= y2)
         cls[inside] = k + 1
-        offset[inside] = np.stack([((x1 + x2) / 2 - u) / size, ((y1 + y2) / 2 - v) / size], -1)[inside]
+        centre_uv[inside] = ((x1 + x2) / 2 / size, (y1 + y2) / 2 / size)
         log_depth[inside] = np.log(max(float(objects[k].t[2]), 1e-3))
-    return cls.ravel(), offset.reshape(-1, 2), log_depth.ravel()
+    return cls.ravel(), centre_uv.reshape(-1, 2), log_depth.ravel()
 
 
 class VisionTargets(torch.utils.data.Dataset):
@@ -81,7 +82,7 @@ class VisionTargets(torch.utils.data.Dataset):
     def __getitem__(self, index):
         g = self.ground
         views, _, _ = g.build(index, every_object=True)
-        images, words, offset, depth = [], [], [], []
+        images, words, centres, depth = [], [], [], []
         for v in views:
             cls, o, d = patch_targets(v.objects, g.size, self.patch)
             bags = np.zeros((len(v.objects) + 1, len(self.words)), np.float32)  # row 0: background
@@ -89,27 +90,47 @@ class VisionTargets(torch.utils.data.Dataset):
                 bags[k + 1, [self.word_index[w] for w in obj.name.split() if w in self.word_index]] = 1.0
             images.append(v.lb.image)
             words.append(bags[cls])
-            offset.append(o)
+            centres.append(o)
             depth.append(d)
         imgs = np.stack(images).astype(np.float32) / 127.5 - 1.0                   # (V, S, S, 3) in [-1, 1]
         return (torch.from_numpy(imgs).permute(0, 3, 1, 2), torch.from_numpy(np.stack(words)),
-                torch.from_numpy(np.stack(offset)), torch.from_numpy(np.stack(depth)))
+                torch.from_numpy(np.stack(centres)), torch.from_numpy(np.stack(depth)))
 
 
-def dense_loss(head, feats, words, offset, depth, cfg):
+def dense_loss(head, feats, words, centre, depth, cfg):
     """feats (N, P, Dv) -> (loss, word recall on object patches, share of background patches given
     some word)."""
     out = head(feats)                                                           # (N, P, nW+3)
-    logits, pred_off, pred_depth = out[..., :-3], out[..., -3:-1], out[..., -1]
+    logits, pred_centre, pred_depth = out[..., :-3], out[..., -3:-1], out[..., -1]
     obj = words.sum(-1) > 0                                                     # (N, P)
     weight = torch.where(obj, 1.0, cfg.background_weight)[..., None]            # (N, P, 1)
     bce = (F.binary_cross_entropy_with_logits(logits, words, reduction="none") * weight).sum() / weight.sum()  # per patch, summed over words
     n_obj = obj.sum().clamp(min=1)
-    reg = (cfg.offset_weight * ((pred_off - offset).abs().sum(-1) * obj).sum() + ((pred_depth - depth).abs() * obj).sum()) / n_obj
+    reg = (cfg.centre_weight * ((pred_centre - centre).abs().sum(-1) * obj).sum()
+           + ((pred_depth - depth).abs() * obj).sum()) / n_obj
     pos = logits > 0
     recall = (pos & (words > 0.5))[obj].sum() / (words > 0.5)[obj].sum().clamp(min=1)  # words found on objects
     false_bg = pos[~obj].any(-1).float().mean() if (~obj).any() else logits.new_zeros(())  # bg patches given a word
     return bce + reg, recall, false_bg
+
+
+def init_loc_embeddings(model, text_tokenizer, bandwidth=20.0):
+    """Give the <loc0000>..<loc1023> rows a smooth code of the value they stand for: row i = mean row
+    + sum_k w_k cos(pi k i / 1023) e_k with w_k = exp(-(k / bandwidth)^2 / 2), so neighbouring bins
+    have similar embeddings (and, through the tied LM head, similar logits) over a few pixels.
+    PaliGemma's own <loc> rows are like that after its pre-training; the tiny VLM starts from mean
+    rows, where 1024 unrelated classes would each have to be learnt from their own examples."""
+    from tokenizer import N_LOC, loc_tokens
+    emb = model.vlm.get_input_embeddings().weight                               # (V, W), tied to the LM head
+    ids = torch.tensor(text_tokenizer.convert_tokens_to_ids(loc_tokens()))
+    W = emb.shape[1]
+    k = torch.arange(1, W + 1, dtype=torch.float64)
+    x = torch.arange(N_LOC, dtype=torch.float64) / (N_LOC - 1)
+    code = torch.cos(torch.pi * x[:, None] * k[None]) * torch.exp(-0.5 * (k / bandwidth) ** 2)  # (N_LOC, W)
+    with torch.no_grad():
+        typical = emb.norm(dim=1).median()
+        code = code / code.norm(dim=1, keepdim=True) * typical
+        emb[ids] = emb[ids].mean(0) + code.to(emb.dtype)
 
 
 def pretrain_vision(model, ground, cfg: VisionConfig, eval_ground=None, device="cpu", log=print):
@@ -133,8 +154,8 @@ def pretrain_vision(model, ground, cfg: VisionConfig, eval_ground=None, device="
     start = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         ground.set_epoch(step)  # fresh crops every step
-        images, words, offset, depth = batch(data, rng.integers(len(data), size=cfg.batch_size))
-        loss, recall, false_bg = dense_loss(head, tower(images).last_hidden_state, words, offset, depth, cfg)
+        images, words, centre, depth = batch(data, rng.integers(len(data), size=cfg.batch_size))
+        loss, recall, false_bg = dense_loss(head, tower(images).last_hidden_state, words, centre, depth, cfg)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -159,11 +180,20 @@ def evaluate_vision(tower, head, data, cfg, device, n=64):
     tower.eval()
     sums = np.zeros(2)
     for i in range(min(n, len(data))):
-        images, words, offset, depth = (x.to(device) for x in data[i])
-        _, recall, false_bg = dense_loss(head, tower(images).last_hidden_state, words, offset, depth, cfg)
+        images, words, centre, depth = (x.to(device) for x in data[i])
+        _, recall, false_bg = dense_loss(head, tower(images).last_hidden_state, words, centre, depth, cfg)
         sums += [float(recall), float(false_bg)]
     tower.train()
     return {"vision_word_recall": sums[0] / min(n, len(data)), "vision_false_background": sums[1] / min(n, len(data))}
+
+
+def default_init(args, d):
+    """The checkpoint a tiny run on the built-in data starts from when no --init, --vlm, --resume,
+    --data or --scratch is given: the tiny VLM (None otherwise). Other data keeps its own start: the
+    tiny VLM's bins and vocabulary are fitted on the built-in world."""
+    if args.init or args.resume or args.vlm or args.data or args.scratch or args.config not in (None, "tiny"):
+        return None
+    return tiny_vlm(args.cache, d)
 
 
 def tiny_vlm(cache, d):
