@@ -257,7 +257,8 @@ def main(argv=None):
     if args.stage == "vlm" and not args.resume:
         vlm.init_loc_embeddings(model, tok)
         model.to(d.device)
-        vlm.pretrain_vision(model, train_ds, vlm.VisionConfig(steps=args.vision_steps, seed=args.seed), eval_ds, d.device)
+        vlm.pretrain_vision(model, train_ds, tok, vlm.VisionConfig(steps=args.vision_steps, seed=args.seed), eval_ds,
+                           d.device)
     set_trainable(model, cfg)
     net = wrap(model, cfg, d)
     run = Run(model, tok, bins, args.out, vars(args), {"recipe.json": recipe(args, train_ds, model.cfg)})

@@ -68,12 +68,14 @@ def patch_targets(objects, size, patch):
 class VisionTargets(torch.utils.data.Dataset):
     """Per sample of a GroundingDataset: its views' images and the dense targets of *every* labelled
     object in each view (stage 1 lists only the queried class; here the tower must see them all).
-    A patch's class target is the bag of words of the covering object's name ("red cube" -> {red,
-    cube}), so colours and categories are learnt apart and combine to unseen names."""
+    A patch's class target is the bag of the text tokens of the covering object's name (" red cube"
+    -> {▁red, ▁cube}, the pieces the prompt "detect the red cube" is made of), so colours and
+    categories are learnt apart and combine to unseen names. `words`: the token ids, in head order."""
 
-    def __init__(self, ground, patch, words=None):
+    def __init__(self, ground, patch, text_tokenizer, words=None):
         self.ground, self.patch = ground, patch
-        self.words = words or sorted({w for c in ground.classes for w in c.split()})
+        self.pieces = lambda name: text_tokenizer(" " + name, add_special_tokens=False)["input_ids"]
+        self.words = words or sorted({i for c in ground.classes for i in self.pieces(c)})
         self.word_index = {w: i for i, w in enumerate(self.words)}
 
     def __len__(self):
@@ -87,7 +89,7 @@ class VisionTargets(torch.utils.data.Dataset):
             cls, o, d = patch_targets(v.objects, g.size, self.patch)
             bags = np.zeros((len(v.objects) + 1, len(self.words)), np.float32)  # row 0: background
             for k, obj in enumerate(v.objects):
-                bags[k + 1, [self.word_index[w] for w in obj.name.split() if w in self.word_index]] = 1.0
+                bags[k + 1, [self.word_index[w] for w in self.pieces(obj.name) if w in self.word_index]] = 1.0
             images.append(v.lb.image)
             words.append(bags[cls])
             centres.append(o)
@@ -133,15 +135,34 @@ def init_loc_embeddings(model, text_tokenizer, bandwidth=20.0):
         emb[ids] = emb[ids].mean(0) + code.to(emb.dtype)
 
 
-def pretrain_vision(model, ground, cfg: VisionConfig, eval_ground=None, device="cpu", log=print):
-    """Phase 1: train model's SigLIP tower on the dense objective (in place). Returns the last
-    held-out figures: object-patch and background-patch accuracy."""
+class DenseHead(nn.Module):
+    """Reads each patch feature (N, P, Dv) -> (N, P, nW + 3): word logits, then box centre (2) and
+    log depth. The word logits are SigLIP-style similarities between the *projected* patch feature
+    (the VLM's own multi_modal_projector, into the decoder's width) and the decoder's own embedding
+    rows of those words, so after this phase a "red" patch already points where the prompt's "red"
+    token does, and the decoder's attention only has to learn to match them."""
+
+    def __init__(self, model, words):
+        super().__init__()
+        self.projector, self.embed = model.vlm.model.multi_modal_projector, model.vlm.get_input_embeddings()
+        self.register_buffer("words", torch.tensor(words))
+        self.scale, self.bias = nn.Parameter(torch.tensor(10.0).log()), nn.Parameter(torch.tensor(-5.0))
+        self.geometry = nn.Linear(model.cfg.vision["hidden_size"], 3)
+
+    def forward(self, feats):
+        img = F.normalize(self.projector(feats), dim=-1)                           # (N, P, W)
+        txt = F.normalize(self.embed(self.words), dim=-1)                          # (nW, W)
+        return torch.cat([img @ txt.T * self.scale.exp() + self.bias, self.geometry(feats)], -1)
+
+
+def pretrain_vision(model, ground, text_tokenizer, cfg: VisionConfig, eval_ground=None, device="cpu", log=print):
+    """Phase 1: train model's SigLIP tower (with the projector and the name tokens' embedding rows)
+    on the dense objective, in place. Returns the held-out word recall and false background rate."""
     tower = model.vlm.model.vision_tower
-    patch, width = model.cfg.vision["patch_size"], model.cfg.vision["hidden_size"]
-    data = VisionTargets(ground, patch)
-    head = nn.Linear(width, len(data.words) + 3).to(device)
+    data = VisionTargets(ground, model.cfg.vision["patch_size"], text_tokenizer)
+    head = DenseHead(model, data.words).to(device)
     params = list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup)
                                               * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps))))
     rng = np.random.default_rng(cfg.seed)
@@ -166,7 +187,7 @@ def pretrain_vision(model, ground, cfg: VisionConfig, eval_ground=None, device="
                 f"false background {false_bg.item():.2f}, {step * cfg.batch_size / (time.perf_counter() - start):.1f} samples/s")
     result = {}
     if eval_ground is not None:
-        result = evaluate_vision(tower, head, VisionTargets(eval_ground, patch, data.words), cfg, device)
+        result = evaluate_vision(tower, head, VisionTargets(eval_ground, data.patch, text_tokenizer, data.words), cfg, device)
         log(f"vision held-out: word recall {result['vision_word_recall']:.2f}, "
             f"false background {result['vision_false_background']:.2f}")
     tower.eval()
