@@ -34,7 +34,7 @@ from data import Collator, fit_bins, open_datasets
 from eval_sim import CENTRE_HIT, centre_errors, overlay, stack
 from formats import detect_format
 from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
-from trainer import (PEAK_LR, Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint,
+from trainer import (PEAK_LR, VISION_LR_SCALE, Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint,
                      config_name, parse_args, set_trainable, setup_distributed, start_model, to_device,
                      train, train_config, wrap)
 
@@ -250,6 +250,7 @@ def main(argv=None):
         args.init = args.init or vlm.default_init(args, d)  # the tiny VLM plays PaliGemma's role
     model, tok, bins = start_model(args, lambda: fit_bins(train_paths, n_bins=args.n_bins))
     args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
+    args.vision_lr_scale = args.vision_lr_scale or VISION_LR_SCALE.get(config_name(model.cfg), 1.0)
     cfg = train_config(args)
     cfg.action_weight = 10.0 if args.stage == "motion" else 1.0  # SPEC 6: action loss x10 in stage 2
     pose_tok = PoseTokenizer(bins, model.cfg.image_size)

@@ -117,21 +117,21 @@ def dense_loss(head, feats, words, centre, depth, cfg):
 
 
 def init_loc_embeddings(model, text_tokenizer, bandwidth=20.0):
-    """Give the <loc0000>..<loc1023> rows a smooth code of the value they stand for: row i = mean row
-    + sum_k w_k cos(pi k i / 1023) e_k with w_k = exp(-(k / bandwidth)^2 / 2), so neighbouring bins
-    have similar embeddings (and, through the tied LM head, similar logits) over a few pixels.
+    """Give the <loc0000>..<loc1023> rows a smooth code of the value x = i / 1023 they stand for:
+    row i = mean row + [w_k cos(pi k x), w_k sin(pi k x)]_k with w_k = exp(-(k / bandwidth)^2 / 2),
+    so row_i . row_j depends on x_i - x_j alone (no bin is special) and falls off over a few pixels:
+    neighbouring bins get similar embeddings and, through the tied LM head, similar logits.
     PaliGemma's own <loc> rows are like that after its pre-training; the tiny VLM starts from mean
     rows, where 1024 unrelated classes would each have to be learnt from their own examples."""
     from tokenizer import N_LOC, loc_tokens
     emb = model.vlm.get_input_embeddings().weight                               # (V, W), tied to the LM head
     ids = torch.tensor(text_tokenizer.convert_tokens_to_ids(loc_tokens()))
-    W = emb.shape[1]
-    k = torch.arange(1, W + 1, dtype=torch.float64)
-    x = torch.arange(N_LOC, dtype=torch.float64) / (N_LOC - 1)
-    code = torch.cos(torch.pi * x[:, None] * k[None]) * torch.exp(-0.5 * (k / bandwidth) ** 2)  # (N_LOC, W)
+    k = torch.arange(1, emb.shape[1] // 2 + 1, dtype=torch.float64)            # W/2 frequencies
+    angle = torch.pi * (torch.arange(N_LOC, dtype=torch.float64) / (N_LOC - 1))[:, None] * k  # (N_LOC, W/2)
+    w = torch.exp(-0.5 * (k / bandwidth) ** 2)
+    code = torch.cat([angle.cos() * w, angle.sin() * w], 1)                      # (N_LOC, W), equal norms
     with torch.no_grad():
-        typical = emb.norm(dim=1).median()
-        code = code / code.norm(dim=1, keepdim=True) * typical
+        code = code / code.norm(dim=1, keepdim=True) * emb.norm(dim=1).median()
         emb[ids] = emb[ids].mean(0) + code.to(emb.dtype)
 
 

@@ -256,3 +256,18 @@ def test_loc_argmax_error_reads_the_location_distribution_alone():
                                           label_mask, loc_ids, S)
     np.testing.assert_allclose(errors, [np.hypot(10, 20) * px, 4 * px, 0.0], atol=1e-9)
     assert same == baseline  # the image centre does not depend on the model
+
+
+def test_start_model_from_init_can_drop_the_priors(stage1):
+    """--no-priors with --init: the checkpoint's ray and depth embedders are removed (RGB only),
+    everything else is the checkpoint's; without it they stay."""
+    import argparse
+    from trainer import start_model
+    args = dict(resume=None, init=stage1, seed=0, config=None, vlm=None)
+    kept, _, _ = start_model(argparse.Namespace(**args, no_priors=False), None)
+    rgb, _, _ = start_model(argparse.Namespace(**args, no_priors=True), None)
+    assert kept.fusion.rays is not None and kept.fusion.depth is not None and kept.cfg.use_rays
+    assert rgb.fusion.rays is None and rgb.fusion.depth is None and not (rgb.cfg.use_rays or rgb.cfg.use_depth)
+    assert not any(k.startswith("fusion.") for k in rgb.state_dict())
+    for k, v in rgb.state_dict().items():
+        torch.testing.assert_close(v, kept.state_dict()[k])

@@ -126,3 +126,14 @@ def test_learnability_gate(tmp_path):
     errors, truths = centre_error(model, tok, pose_tok, val, collate, 24)
     baseline = np.linalg.norm(truths - np.median(truths, 0), axis=1)
     assert np.median(errors) <= 0.5 * np.median(baseline), (np.median(errors), np.median(baseline))
+
+
+def test_default_init_is_the_tiny_vlm_only_for_tiny_runs_on_builtin_data(monkeypatch, tmp_path):
+    import argparse
+    monkeypatch.setattr(vlm, "tiny_vlm", lambda cache, d: os.path.join(cache, "tiny_vlm"))
+    base = dict(init=None, resume=None, vlm=None, data=None, scratch=False, config=None, cache=str(tmp_path))
+    assert vlm.default_init(argparse.Namespace(**base), None) == os.path.join(str(tmp_path), "tiny_vlm")
+    assert vlm.default_init(argparse.Namespace(**{**base, "config": "tiny"}), None) is not None
+    for key, value in (("init", "ckpt"), ("resume", "run"), ("vlm", "paligemma"), ("data", "my.json"),
+                       ("scratch", True), ("config", "paligemma-3b")):
+        assert vlm.default_init(argparse.Namespace(**{**base, key: value}), None) is None, key
