@@ -6,15 +6,18 @@ random weights by next-token prediction alone collapses its vision tower (the im
 the same for every image within ~30 steps at lr 1e-3, after which nothing is learned from images).
 So it is made the way PaliGemma was made, in two phases (`python pretrain.py --stage vlm`):
 
-  1. **Vision first** (this file): the SigLIP tower alone learns a dense objective of its own on the
-     grounding data, per 14 px patch: which object covers the patch (its class, or background),
-     where that object's 2D box centre is in the image (absolute, so the feature carries the
-     position the decoder must later write as <loc> tokens), and the object's log depth.
-     A linear head reads each patch feature; it is thrown away afterwards. The targets come from the
-     same pseudo-views (crops, letterboxing) and 2D boxes as stage 1, so any grounding dataset works.
+  1. **Vision first** (this file): the SigLIP tower learns a dense objective of its own on the
+     grounding data, per 14 px patch: the words of the object covering it (none on background),
+     scored SigLIP-style against the decoder's own embedding rows of those words through the VLM's
+     projector, so image features and prompt words meet in one space; where that object's 2D box
+     centre is in the image (absolute, so the feature carries the position the decoder must later
+     write as <loc> tokens); and the object's log depth. The head's own weights (a scale, a bias,
+     a linear map for centre and depth) are thrown away afterwards. The targets come from the same
+     pseudo-views (crops, letterboxing) and 2D boxes as stage 1, so any grounding dataset works.
   2. **Then the decoder** (pretrain.py's ordinary loop): the projector and Gemma decoder learn to
      write names and 2D boxes (`--targets boxes`, the "detect" task PaliGemma also knows) with the
-     vision tower frozen, which protects it from the decoder's first, noisy gradients.
+     vision tower frozen, which protects it from the decoder's first, noisy gradients. The <loc>
+     embedding rows start as a smooth code of their value (init_loc_embeddings).
 
 The result is a normal checkpoint that knows 2D detection but no 3D poses: stage 1, post-training
 without pose pre-training and every ablation arm start from it, as they start from PaliGemma in the
@@ -30,10 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 @dataclass
 class VisionConfig:
-    steps: int = 1500         # ~2 CPU-minutes for the tiny tower (2 layers, 64 patches a view)
+    steps: int = 1500         # ~4 CPU-minutes for the tiny tower (2 layers, 64 patches a view)
     batch_size: int = 16      # grounding samples per step (x views images)
     lr: float = 1e-3
     warmup: int = 50
@@ -106,7 +108,8 @@ def dense_loss(head, feats, words, centre, depth, cfg):
     logits, pred_centre, pred_depth = out[..., :-3], out[..., -3:-1], out[..., -1]
     obj = words.sum(-1) > 0                                                     # (N, P)
     weight = torch.where(obj, 1.0, cfg.background_weight)[..., None]            # (N, P, 1)
-    bce = (F.binary_cross_entropy_with_logits(logits, words, reduction="none") * weight).sum() / weight.sum()  # per patch, summed over words
+    bce = F.binary_cross_entropy_with_logits(logits, words, reduction="none")  # (N, P, nW)
+    bce = (bce * weight).sum() / weight.sum()                                   # per patch, summed over words
     n_obj = obj.sum().clamp(min=1)
     reg = (cfg.centre_weight * ((pred_centre - centre).abs().sum(-1) * obj).sum()
            + ((pred_depth - depth).abs() * obj).sum()) / n_obj
@@ -219,7 +222,7 @@ def default_init(args, d):
 
 def tiny_vlm(cache, d):
     """The tiny VLM's run directory in `cache`, built on first use with `pretrain.py --stage vlm`
-    and its default flags (about N CPU-minutes); an interrupted build leaves nothing behind."""
+    and its default flags (about 20 minutes on 2 CPU cores); an interrupted build leaves nothing."""
     import pretrain
     from trainer import generate_once
     return generate_once(os.path.join(cache, "tiny_vlm"),
