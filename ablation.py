@@ -82,7 +82,7 @@ BUDGETS = {
                     batch_size=2, demos=2, curve=(1, 2), seeds=2, episodes=1, grounding_samples=2, workers=0,
                     eval_max_steps=8),
     # About 1 h 50 min on a 2-core CPU (106 min measured).
-    "default": Budget(grounding_scenes=300, vlm_vision_steps=1500, vlm_steps=1500, motion_demos=6, stage1_steps=400, stage2_steps=200, post_steps=250,
+    "default": Budget(grounding_scenes=300, vlm_vision_steps=3000, vlm_steps=3000, motion_demos=6, stage1_steps=400, stage2_steps=200, post_steps=250,
                       batch_size=8, demos=20, curve=(5, 20, 50), seeds=3, episodes=5, grounding_samples=16),
     # A GPU: longer pre-training and post-training, more evaluation episodes.
     "large": Budget(grounding_scenes=1000, vlm_vision_steps=3000, vlm_steps=6000, motion_demos=10, stage1_steps=6000, stage2_steps=2000, post_steps=2000,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 @dataclass
 class VisionConfig:
-    steps: int = 1500         # ~4 CPU-minutes for the tiny tower (2 layers, 64 patches a view)
+    steps: int = 3000         # ~8 CPU-minutes; at 1500 it knows colours but not yet categories
     batch_size: int = 16      # grounding samples per step (x views images)
     lr: float = 1e-3
     warmup: int = 50
@@ -222,7 +222,7 @@ def default_init(args, d):
 
 def tiny_vlm(cache, d):
     """The tiny VLM's run directory in `cache`, built on first use with `pretrain.py --stage vlm`
-    and its default flags (about 20 minutes on 2 CPU cores); an interrupted build leaves nothing."""
+    and its default flags (about 35 minutes on a 2-core CPU); an interrupted build leaves nothing."""
     import pretrain
     from trainer import generate_once
     return generate_once(os.path.join(cache, "tiny_vlm"),
