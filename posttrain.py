@@ -130,7 +130,8 @@ def main(argv=None):
     args.init = args.init or vlm.default_init(args, d)  # without --init: the plain VLM (the tiny one here)
     model, tok, bins = start_model(args, lambda: generic_bins(paths))
     args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
-    args.vision_lr_scale = args.vision_lr_scale or VISION_LR_SCALE.get(config_name(model.cfg), 1.0)
+    if args.vision_lr_scale is None:
+        args.vision_lr_scale = VISION_LR_SCALE.get(config_name(model.cfg), 1.0)
     model.cfg.action_horizon = recipe.chunk
     cameras = recipe.cameras or srcs[0].cameras[:model.cfg.n_views]
     if len(cameras) > model.cfg.n_views:

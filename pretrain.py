@@ -254,7 +254,8 @@ def main(argv=None):
         args.init = args.init or vlm.default_init(args, d)  # the tiny VLM plays PaliGemma's role
     model, tok, bins = start_model(args, lambda: fit_bins(train_paths, n_bins=args.n_bins))
     args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
-    args.vision_lr_scale = args.vision_lr_scale or VISION_LR_SCALE.get(config_name(model.cfg), 1.0)
+    if args.vision_lr_scale is None:
+        args.vision_lr_scale = VISION_LR_SCALE.get(config_name(model.cfg), 1.0)
     cfg = train_config(args)
     cfg.action_weight = 10.0 if args.stage == "motion" else 1.0  # SPEC 6: action loss x10 in stage 2
     pose_tok = PoseTokenizer(bins, model.cfg.image_size)
