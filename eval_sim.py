@@ -340,6 +340,15 @@ def centre_errors(decoded, views):
     return errors
 
 
+def centre_summary(errors, size):
+    """centre_errors over many views -> median pixel error of the objects found (any same-name
+    anchor) and 2D recall (an anchor within CENTRE_HIT of the image size); NaN without objects."""
+    errors = np.asarray(errors, np.float64)
+    found = errors[np.isfinite(errors)]
+    return {"centre_px": float(np.median(found)) if len(found) else float("nan"),
+            "recall_2d": float(np.mean(errors < CENTRE_HIT * size)) if len(errors) else float("nan")}
+
+
 def overlay(views, decoded, size, truth_title="ground truth", pred_title="prediction"):
     """GT boxes (top row) and predicted boxes (bottom row), drawn by data.draw."""
     from data import View, draw
@@ -393,10 +402,7 @@ def run_grounding(args, results):
                 overlay(views, decoded, size).save(os.path.join(args.out, f"grounding_{i:04d}.png"))
             results.add(task="grounding", index=i, prompt=prompt, n_pred=sum(len(p) for p, _ in pairs[-n_views:]),
                         n_rejected=decoded.n_rejected)
-    metrics = evaluate(pairs)
-    found = np.isfinite(centres)
-    metrics.update(centre_px=float(np.median(np.asarray(centres)[found])) if found.any() else float("nan"),
-                   recall_2d=float(np.mean(np.asarray(centres) < CENTRE_HIT * size)) if centres else float("nan"))
+    metrics = {**evaluate(pairs), **centre_summary(centres, size)}
     results.protocol["recall_2d"] = f"same-name anchor within {CENTRE_HIT:.0%} of the image size of the 2D box centre"
     results.extra["grounding"] = metrics
     results.save(complete=True)

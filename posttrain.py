@@ -23,7 +23,7 @@ from data import Collator, RobotDataset, Stats, fit_bins, open_source
 from formats import detect_format
 from tokenizer import PoseBins
 import vlm
-from trainer import (PEAK_LR, VISION_LR_SCALE, Run, add_train_args, builtin_demos, check_checkpoint, config_name, parse_args,
+from trainer import (Run, add_train_args, builtin_demos, check_checkpoint, default_rates, parse_args,
                      set_trainable, setup_distributed, start_model, train, train_config, wrap)
 
 
@@ -129,9 +129,7 @@ def main(argv=None):
     stats = Stats.load(os.path.join(args.resume, "stats.json")) if args.resume else fit_stats(srcs)
     args.init = args.init or vlm.default_init(args, d)  # without --init: the plain VLM (the tiny one here)
     model, tok, bins = start_model(args, lambda: generic_bins(paths))
-    args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
-    if args.vision_lr_scale is None:
-        args.vision_lr_scale = VISION_LR_SCALE.get(config_name(model.cfg), 1.0)
+    default_rates(args, model.cfg)
     model.cfg.action_horizon = recipe.chunk
     cameras = recipe.cameras or srcs[0].cameras[:model.cfg.n_views]
     if len(cameras) > model.cfg.n_views:

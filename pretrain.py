@@ -31,11 +31,11 @@ import torch
 
 import vlm
 from data import Collator, fit_bins, open_datasets
-from eval_sim import CENTRE_HIT, centre_errors, overlay, stack
+from eval_sim import centre_errors, centre_summary, overlay, stack
 from formats import detect_format
 from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
-from trainer import (PEAK_LR, VISION_LR_SCALE, Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint,
-                     config_name, parse_args, set_trainable, setup_distributed, start_model, to_device,
+from trainer import (Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint, default_rates,
+                     parse_args, set_trainable, setup_distributed, start_model, to_device,
                      train, train_config, wrap)
 
 MAX_NEW_TOKENS = 200  # a few tuples of ~16 tokens in each of 3 views
@@ -158,7 +158,7 @@ def match(truth, pred):
 
 def tuple_errors(samples, size):
     """Recall of true tuples, median translation error (cm) and rotation error (deg) of matches; 2D
-    recall (a same-name anchor within CENTRE_HIT of the image size) and median centre error (px)."""
+    recall and median centre error (px) as eval_sim.centre_summary counts them."""
     trans, rot, n_true, rejected, centres = [], [], 0, 0, []
     for views, _, _, _, dec in samples:
         rejected += dec.n_rejected
@@ -169,12 +169,10 @@ def tuple_errors(samples, size):
                 trans.append(100 * np.linalg.norm(p.t - o.t))
                 cos = (np.trace(np.asarray(o.R).T @ quat_to_matrix(p.quat)) - 1) / 2
                 rot.append(np.degrees(np.arccos(np.clip(cos, -1, 1))))
-    nan, centres = float("nan"), np.asarray(centres)
-    found = centres[np.isfinite(centres)]
+    nan, two_d = float("nan"), centre_summary(centres, size)
     return {"eval_recall": len(trans) / max(n_true, 1), "eval_trans_err_cm": float(np.median(trans)) if trans else nan,
             "eval_rot_err_deg": float(np.median(rot)) if rot else nan, "eval_rejected": rejected,
-            "eval_recall_2d": float(np.mean(centres < CENTRE_HIT * size)) if len(centres) else nan,
-            "eval_centre_px": float(np.median(found)) if len(found) else nan}
+            "eval_recall_2d": two_d["recall_2d"], "eval_centre_px": two_d["centre_px"]}
 
 
 def anchor_errors(logits, label_ids, label_mask, loc_ids, image_size):
@@ -253,9 +251,7 @@ def main(argv=None):
     elif args.stage == "grounding":
         args.init = args.init or vlm.default_init(args, d)  # the tiny VLM plays PaliGemma's role
     model, tok, bins = start_model(args, lambda: fit_bins(train_paths, n_bins=args.n_bins))
-    args.lr = args.lr or PEAK_LR.get(config_name(model.cfg), PEAK_LR["paligemma-3b"])
-    if args.vision_lr_scale is None:
-        args.vision_lr_scale = VISION_LR_SCALE.get(config_name(model.cfg), 1.0)
+    default_rates(args, model.cfg)
     cfg = train_config(args)
     cfg.action_weight = 10.0 if args.stage == "motion" else 1.0  # SPEC 6: action loss x10 in stage 2
     pose_tok = PoseTokenizer(bins, model.cfg.image_size)

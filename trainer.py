@@ -160,6 +160,15 @@ def start_model(args, fit_bins_fn):
     return model, tok, bins
 
 
+def default_rates(args, cfg):
+    """Fill in --lr and --vision-lr-scale from the model size (PEAK_LR, VISION_LR_SCALE) where the
+    command line left them out (a given --vision-lr-scale 0 is kept)."""
+    name = config_name(cfg)
+    args.lr = args.lr or PEAK_LR.get(name, PEAK_LR["paligemma-3b"])
+    if args.vision_lr_scale is None:
+        args.vision_lr_scale = VISION_LR_SCALE.get(name, 1.0)
+
+
 def config_name(cfg):
     """Which of model.CONFIGS a PoseVLAConfig was built from (by the shape of its networks)."""
     shape = lambda v: [v[p][k] for p in ("text_config", "vision_config")  # noqa: E731
