@@ -44,6 +44,7 @@ import posttrain
 import pretrain
 import sim
 import sim_export
+from errors import cli, read_json
 from trainer import Dist, generate_once
 
 ARMS = {  # name -> (pre-training text targets or None, depth/ray priors)
@@ -98,7 +99,7 @@ class Ledger:
 
     def __init__(self, out, total, after=None):
         self.path, self.total, self.after, self.index = os.path.join(out, "steps.json"), total, after, 0
-        self.steps = json.load(open(self.path)) if os.path.exists(self.path) else {}
+        self.steps = read_json(self.path, "the run's step wall times") if os.path.exists(self.path) else {}
 
     def run(self, name, done, work):
         """Run `work()` unless `done()`; record its wall time under `name`."""
@@ -136,7 +137,7 @@ def eval_step(ledger, name, out, argv):
     path = os.path.join(out, "results.json")
 
     def done():
-        return os.path.exists(path) and json.load(open(path)).get("complete", False)
+        return os.path.exists(path) and read_json(path, "eval_sim results").get("complete", False)
     ledger.run(name, done, lambda: eval_sim.main(argv + ["--out", out]))
     return path
 
@@ -237,7 +238,7 @@ def count_steps(b):
 def success(paths):
     """eval_sim results.json files (one per seed) -> success summary: per-seed mean over tasks,
     pooled per-task counts and a 95 % Wilson interval of all pooled episodes."""
-    runs = [json.load(open(p)) for p in paths if os.path.exists(p)]
+    runs = [read_json(p, "eval_sim results") for p in paths if os.path.exists(p)]
     runs = [r for r in runs if r.get("complete")]
     if not runs:
         return None
@@ -255,7 +256,7 @@ def success(paths):
 
 
 def grounding_metrics(path):
-    r = json.load(open(path)) if os.path.exists(path) else {}
+    r = read_json(path, "eval_sim grounding results") if os.path.exists(path) else {}
     if not r.get("complete"):
         return None
     m = r["grounding"]
@@ -442,7 +443,7 @@ def main(argv=None):
         "grounding": "eval_sim --grounding on each arm's stage-1 checkpoint, held-out scenes",
         "code": eval_sim.code_version(), "hardware": hardware(args.device), "command": " ".join(sys.argv)}
     if os.path.exists(proto_path):
-        saved = json.load(open(proto_path))
+        saved = read_json(proto_path, "the run's protocol (budget, arms, seeds)")
         if saved["budget"] != protocol["budget"]:
             raise ValueError(f"{args.out} holds a run with budget {saved['budget_name']} {saved['budget']}; "
                              f"use another --out for budget {args.budget}")
@@ -470,4 +471,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from errors import at_least, cli
 from model import PoseVLA, attach_tokenizer, build_model, count_parameters, paligemma_3b_config
 from tokenizer import PoseBins
 
@@ -86,16 +87,16 @@ def bench_model(model, tok, args, device, dtype):
           f"{args.batch_size / dt:.1f} samples/s")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=8, help="training batch for the throughput figure")
-    p.add_argument("--label-len", type=int, default=64, help="pose-text label tokens per sample")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="training batch for the throughput figure")
+    p.add_argument("--label-len", type=at_least(1), default=64, help="pose-text label tokens per sample")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed repeats (median reported)")
     p.add_argument("--full", action="store_true", help="also allocate and time paligemma-3b (GPU: fp32 weights, "
                    "bf16 autocast, AdamW, as trainer.py trains it)")
-    p.add_argument("--full-batch", type=int, default=4, help="paligemma-3b training batch (per GPU)")
-    args = p.parse_args()
+    p.add_argument("--full-batch", type=at_least(1), default=4, help="paligemma-3b training batch (per GPU)")
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
 
@@ -166,4 +167,4 @@ def bench_full(tok, args, device):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from errors import BAD_INPUT, at_least, cli, read_json
 from formats import GROUNDING_FORMATS, ROBOT_FORMATS, detect_format, load_scenes
 from fusion import depth_prior, image_to_tensor, letterbox, ray_map
 from robot_formats import ARMS, open_source
 from tokenizer import ObjectPose, PoseBins, PoseTokenizer, Waypoint, quat_to_matrix
-
-BAD_INPUT = (ValueError, FileNotFoundError, OSError)
 
 
 # ----------------------------------------------------------------------------- views
@@ -113,8 +112,12 @@ def tensors(views, size):
 
 
 class _Resilient(torch.utils.data.Dataset):
-    """Shared epoch handling and opt-in skipping of unreadable samples (counted per process)."""
-    seed, epoch, skip_bad, n_skipped = 0, 0, False, 0
+    """Shared epoch handling, and what happens to a bad sample: one that cannot be read (BAD_INPUT)
+    or holds NaN/inf in any array raises an error naming its file, episode, frame and key; with
+    `skip_bad` it is replaced by the next good sample instead, with a warning. Each item's "skipped"
+    counts the samples skipped to reach it (the Collator sums them per batch, so the count reaches
+    the training log from DataLoader workers too)."""
+    seed, epoch, skip_bad = 0, 0, False
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -126,13 +129,19 @@ class _Resilient(torch.utils.data.Dataset):
         for k in range(len(self) if self.skip_bad else 1):
             i = (index + k) % len(self)
             try:
-                return self.item(i)
+                return {**self._finite(self.item(i), i), "skipped": k}
             except BAD_INPUT as e:
                 if not self.skip_bad:
                     raise
-                self.n_skipped += 1
-                warnings.warn(f"skipping sample {i}: {e}")
-        raise ValueError("every sample failed to load")
+                warnings.warn(f"--skip-bad: skipping sample {i}: {e}")
+        raise ValueError(f"every one of the {len(self)} samples failed to load")
+
+    def _finite(self, item, index):
+        for key, value in item.items():
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(f"{self.describe(index)}: sample {index} has NaN/inf in '{key}'; expected finite "
+                                 "values (check the source's camera intrinsics/extrinsics, state and action)")
+        return item
 
 
 # ----------------------------------------------------------------------------- grounding
@@ -150,20 +159,21 @@ class GroundingDataset(_Resilient):
         self.tok, self.size, self.n_views, self.neg_frac = pose_tokenizer, int(image_size), n_views, neg_frac
         self.seed, self.cfg, self.skip_bad = seed, views, skip_bad
         self.scenes, self.samples, self.sizes = [], [], []
-        for p in paths:
-            scenes = load_scenes(p, split, names)
+        for p in paths:  # each reader refuses a dataset without a usable object
             start = len(self.samples)
-            for im in scenes:
+            for im in load_scenes(p, split, names, skip_bad):
                 for name in sorted({_label(o.name) for o in im.objects}):
                     self.samples.append((len(self.scenes), name))
                 self.scenes.append(im)
             self.sizes.append(len(self.samples) - start)
-            if self.sizes[-1] == 0:
-                raise ValueError(f"{p}: no usable 3D annotations in split '{split}'")
         self.classes = sorted({name for _, name in self.samples})
 
     def __len__(self):
         return len(self.samples)
+
+    def describe(self, index):
+        scene_idx, name = self.samples[index]
+        return f"{self.scenes[scene_idx].image_path} ('{name}', from {self.scenes[scene_idx].source})"
 
     def build(self, index, every_object=False):
         """(views, prompt, target) for one sample; views carry K and the listed ObjectPoses.
@@ -247,12 +257,36 @@ class Stats:
     action: dict
 
     @classmethod
-    def compute(cls, states, actions):
-        def one(x):
+    def compute(cls, states, actions, where="Stats.compute"):
+        """From (N, Ds) states and (N, Da) actions; `where` (the data they came from) names them in errors."""
+        def one(x, key):
             x = np.asarray(x, np.float64)
+            if x.ndim != 2 or not len(x):
+                raise ValueError(f"{where}: {key} has shape {x.shape}; expected (frames >= 1, dims)")
+            bad = np.flatnonzero(~np.isfinite(x).all(0))
+            if len(bad):
+                raise ValueError(f"{where}: {key} dims {bad.tolist()} hold NaN/inf; statistics need finite values")
             return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
                     "q01": np.quantile(x, 0.01, axis=0).tolist(), "q99": np.quantile(x, 0.99, axis=0).tolist()}
-        return cls(one(states), one(actions))
+        return cls(one(states, "state"), one(actions, "action"))
+
+    def check(self, where):
+        """self when every statistic is a list of finite numbers of one width per part; else an
+        error naming `where`, the part and the statistic."""
+        for key in ("state", "action"):
+            part = getattr(self, key)
+            if not isinstance(part, dict) or not {"mean", "std", "q01", "q99"} <= set(part):
+                raise ValueError(f"{where}: '{key}' needs the lists mean, std, q01 and q99")
+            width = np.shape(part["mean"])
+            for name in ("mean", "std", "q01", "q99"):
+                try:
+                    values = np.asarray(part[name], np.float64)
+                except (TypeError, ValueError):
+                    values = None
+                if values is None or values.ndim != 1 or values.shape != width or not np.isfinite(values).all():
+                    raise ValueError(f"{where}: '{key}.{name}' must be {width[0] if width else 'some'} finite "
+                                     f"numbers like '{key}.mean', got {str(part[name])[:80]}")
+        return self
 
     def _ms(self, key, x, where):
         s = getattr(self, key)
@@ -271,16 +305,18 @@ class Stats:
         return (np.asarray(x, np.float64) * std + mean).astype(np.float32)
 
     def save(self, path):
-        with open(path, "w") as f:
+        tmp = path + ".tmp"  # written aside, then renamed: an interrupted save leaves no truncated file
+        with open(tmp, "w") as f:
             json.dump({"state": self.state, "action": self.action}, f)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path):
-        with open(path) as f:
-            d = json.load(f)
-        if set(d) != {"state", "action"}:
-            raise ValueError(f"{path}: expected keys 'state' and 'action', got {sorted(d)}")
-        return cls(d["state"], d["action"])
+        d = read_json(path, "state/action statistics (data.Stats)")
+        if not isinstance(d, dict) or set(d) != {"state", "action"}:
+            raise ValueError(f"{path}: expected keys 'state' and 'action', got "
+                             f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
+        return cls(d["state"], d["action"]).check(path)
 
 
 def source_stats(source, cache_dir=None):
@@ -295,7 +331,7 @@ def source_stats(source, cache_dir=None):
     path = os.path.join(cache_dir or folder, f"posevla_stats_{digest}.json")
     if os.path.exists(path):
         return Stats.load(path)
-    stats = Stats.compute(states, actions)
+    stats = Stats.compute(states, actions, source.path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     stats.save(path)
     return stats
@@ -348,7 +384,7 @@ class RobotDataset(_Resilient):
             _check_tokenizer(pose_tokenizer, image_size)
         self.size, self.chunk, self.stride, self.tok = int(image_size), chunk, stride, pose_tokenizer
         self.trajectory, self.traj, self.seed, self.skip_bad = trajectory, traj, seed, skip_bad
-        self.sources = [open_source(p, episodes) for p in paths]
+        self.sources = [open_source(p, episodes, skip_bad) for p in paths]
         self.cameras = [[s.resolve_camera(c) for c in cameras] for s in self.sources]
         self.stats = [source_stats(s, cache_dir) if stats == "auto" else stats for s in self.sources]
         self.index, self.sizes = [], []
@@ -369,6 +405,10 @@ class RobotDataset(_Resilient):
 
     def __len__(self):
         return len(self.index)
+
+    def describe(self, index):
+        si, ei, t = self.index[index]
+        return f"{self.sources[si].path}: episode {ei} frame {t}"
 
     def build(self, index):
         """(views, prompt, target, state, actions, is_pad) for one sample."""
@@ -463,7 +503,8 @@ class MixtureSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------- collation, loading
 class Collator:
     """List of items -> batch dict for model.py. Prompt = <bos> + prompt + "\\n" (PaliGemma's
-    prefix format); label = target + <eos>; empty targets get an all-False label_mask."""
+    prefix format); label = target + <eos>; empty targets get an all-False label_mask. "skipped":
+    the samples --skip-bad left out to fill this batch (an int)."""
 
     def __init__(self, text_tokenizer, max_dim=32):
         self.tok, self.max_dim = text_tokenizer, max_dim
@@ -496,6 +537,7 @@ class Collator:
                                                                for it in items])
         labels = [self._ids(it["target"]) + [self.eos] if it["target"] else [] for it in items]
         batch["label_ids"], batch["label_mask"] = self._pad(labels)
+        batch["skipped"] = sum(it.get("skipped", 0) for it in items)
         if all("actions" in it for it in items):
             batch["state"] = torch.from_numpy(np.stack([self._dim(it["state"], "state") for it in items]))
             batch["actions"] = torch.from_numpy(np.stack([self._dim(it["actions"], "actions") for it in items]))
@@ -517,18 +559,19 @@ def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persis
 
 
 # ----------------------------------------------------------------------------- bins, drawing, CLI
-def fit_bins(paths, n_bins=2048, split="train", names=None, traj=TrajectoryConfig(), frame_step=1):
+def fit_bins(paths, n_bins=2048, split="train", names=None, traj=TrajectoryConfig(), frame_step=1, skip_bad=False):
     """PoseBins from the training annotations (SPEC 3): grounding objects (translations and sizes) and
     the robot trajectory waypoints as the targets list them (view_waypoints with each frame's own
-    camera pose), at every `frame_step`-th frame of each episode (1: all frames)."""
+    camera pose), at every `frame_step`-th frame of each episode (1: all frames). skip_bad: as the
+    training datasets read them (unreadable images and episodes left out)."""
     trans, sizes = [], []
     for p in ([paths] if isinstance(paths, str) else paths):
         if detect_format(p) in GROUNDING_FORMATS:
-            objs = [o for im in load_scenes(p, split, names) for o in im.objects]
+            objs = [o for im in load_scenes(p, split, names, skip_bad) for o in im.objects]
             trans += [o.t for o in objs]
             sizes += [o.size for o in objs]
             continue
-        src = open_source(p)
+        src = open_source(p, skip_bad=skip_bad)
         for ei, ep in enumerate(src.episodes):
             for cam in src.cameras if src.ee16 else []:
                 hw = src.frame(ei, 0, cam, want_depth=False).image.shape[:2]
@@ -541,9 +584,10 @@ def fit_bins(paths, n_bins=2048, split="train", names=None, traj=TrajectoryConfi
     return PoseBins.fit(np.array(trans), np.array(sizes) if sizes else None, n_bins=n_bins)
 
 
-def draw(views, target, size, text_width=110):
+def draw(views, target, size, text_width=110, names=None):
     """PIL image: the views side by side (2x), 2D boxes (green), projected 3D boxes (yellow),
-    object/waypoint axes (x red, y green, z blue), and the target text underneath."""
+    object/waypoint axes (x red, y green, z blue), the target text underneath, and with `names`
+    each view's name in its corner."""
     import textwrap
     from PIL import Image, ImageDraw
     z = max(1, 256 // size)
@@ -571,19 +615,36 @@ def draw(views, target, size, text_width=110):
             ends = P(np.vstack([t, t + axis * np.asarray(o.R).T]))
             for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 128, 255)]):
                 pen.line([ends[0], ends[k + 1]], fill=colour, width=2)
+    for i, name in enumerate(names or []):
+        pen.text((i * size * z + 4, 4), name, fill=(255, 255, 255))
     for k, line in enumerate(lines):
         pen.text((4, size * z + 4 + 12 * k), line, fill=(255, 255, 255))
     return canvas
 
 
 def dataset_for(args):
-    bins = PoseBins.load(args.bins) if args.bins else fit_bins(args.data, n_bins=args.n_bins)
-    tok = PoseTokenizer(bins, args.image_size)
+    """(dataset, view names) for `show` and `bench`. Grounding data: pseudo-views with pose-tuple
+    targets (bins from --bins or fitted on the data). Robot data: the --cameras views (default: the
+    first dataset's own cameras), with the waypoint target only where every dataset has end-effector
+    poses and those cameras' poses to write it: bins are needed, and fitted, only then."""
+    kw = dict(image_size=args.image_size, skip_bad=args.skip_bad)
+
+    def bins():
+        return PoseBins.load(args.bins) if args.bins else fit_bins(args.data, args.n_bins, skip_bad=args.skip_bad)
     if detect_format(args.data[0]) in GROUNDING_FORMATS:
-        return open_datasets(args.data, "grounding", pose_tokenizer=tok, image_size=args.image_size,
-                             skip_bad=args.skip_bad)
-    return open_datasets(args.data, "robot", image_size=args.image_size, pose_tokenizer=tok,
-                         trajectory=True, stats="auto", skip_bad=args.skip_bad)
+        if args.cameras:
+            raise ValueError("--cameras selects robot cameras; grounding samples are pseudo-views of one image")
+        ds = open_datasets(args.data, "grounding", pose_tokenizer=PoseTokenizer(bins(), args.image_size), **kw)
+        return ds, ["head crop", "wrist crop", "wrist crop"][:ds.n_views]
+    srcs = [open_source(p, skip_bad=args.skip_bad) for p in args.data]
+    pairs = [c.split("=", 1) if "=" in c else (c, c) for c in args.cameras.split(",")] if args.cameras else \
+        [(c, c) for c in srcs[0].cameras]
+    cams = [cam for _, cam in pairs]
+    posed = all(s.ee16 and all(v is not None for c in cams for v in s.camera(0, 0, s.resolve_camera(c))) for s in srcs)
+    ds = open_datasets(args.data, "robot", cameras=cams, trajectory=posed,
+                       pose_tokenizer=PoseTokenizer(bins(), args.image_size) if posed else None,
+                       stats="auto" if args.cmd == "bench" else None, **kw)
+    return ds, [view for view, _ in pairs]
 
 
 def main(argv=None):
@@ -594,27 +655,35 @@ def main(argv=None):
                        ("bench", "measure loading speed in samples/s with DataLoader workers")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--data", nargs="+", required=True, help="dataset path(s); format detected")
-        p.add_argument("--image-size", type=int, default=112, help="model image size (tiny: 112)")
-        p.add_argument("--n-bins", type=int, default=256, help="bins per pose quantity (full model: 2048)")
-        p.add_argument("--bins", default=None, help="bins JSON to use instead of fitting (show/bench)")
-        p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples and count them")
+        p.add_argument("--image-size", type=at_least(1), default=112, help="model image size (tiny: 112)")
+        p.add_argument("--n-bins", type=at_least(1), default=256, help="bins per pose quantity (full model: 2048)")
+        p.add_argument("--bins", default=None, help="bins JSON to use instead of fitting (show/bench; only "
+                                                    "data with poses to write needs bins)")
+        p.add_argument("--cameras", default=None,
+                       help="show/bench, robot data: comma-separated cameras in view order, each a dataset "
+                            "camera, an alias (head, left_wrist, right_wrist) or VIEW=CAMERA to show CAMERA "
+                            "labelled VIEW (default: the dataset's cameras)")
+        p.add_argument("--skip-bad", action="store_true",
+                       help="leave out unreadable or non-finite images, episodes and samples (warned, counted)")
         p.add_argument("--out", default=None, help="output file (show: PNG, fit-bins: JSON)")
-        p.add_argument("--index", type=int, default=0, help="show: sample index")
-        p.add_argument("--workers", type=int, default=2, help="bench: DataLoader workers")
-        p.add_argument("--batches", type=int, default=20, help="bench: timed batches (after one warm-up)")
-        p.add_argument("--batch-size", type=int, default=8, help="bench: batch size")
+        p.add_argument("--index", type=at_least(0), default=0, help="show: sample index")
+        p.add_argument("--workers", type=at_least(0), default=2, help="bench: DataLoader workers")
+        p.add_argument("--batches", type=at_least(1), default=20, help="bench: timed batches (after one warm-up)")
+        p.add_argument("--batch-size", type=at_least(1), default=8, help="bench: batch size")
     args = ap.parse_args(argv)
     if args.cmd == "fit-bins":
-        bins = fit_bins(args.data, n_bins=args.n_bins)
+        bins = fit_bins(args.data, n_bins=args.n_bins, skip_bad=args.skip_bad)
         bins.save(args.out or "bins.json")
         print(f"wrote {args.out or 'bins.json'} ({bins.n_bins} bins)")
         return
-    ds = dataset_for(args)
+    ds, names = dataset_for(args)
     if args.cmd == "show":
+        if args.index >= len(ds):
+            raise ValueError(f"--index {args.index}: {' '.join(args.data)} has {len(ds)} samples (0..{len(ds) - 1})")
         views, prompt, target = ds.build(args.index)[:3]
         out = args.out or "sample.png"
-        draw(views, f"{prompt} -> {target}", args.image_size).save(out)
-        print(f"wrote {out}: prompt {prompt!r}, {len(views)} views")
+        draw(views, f"{prompt} -> {target}", args.image_size, names=names).save(out)
+        print(f"wrote {out}: prompt {prompt!r}, {len(views)} views ({', '.join(names)})")
         return
     from tokenizer import build_tiny_tokenizer
     loader = make_loader(ds, args.batch_size, Collator(build_tiny_tokenizer()), workers=args.workers,
@@ -626,8 +695,8 @@ def main(argv=None):
         next(it)
     rate = args.batches * args.batch_size / (time.perf_counter() - start)
     print(f"{type(ds).__name__}: {rate:.1f} samples/s ({args.workers} workers, batch {args.batch_size}, "
-          f"{ds.n_views if hasattr(ds, 'n_views') else len(ds.cameras[0])} views, {args.image_size} px)")
+          f"{len(names)} views, {args.image_size} px)")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

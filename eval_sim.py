@@ -29,6 +29,8 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+from errors import at_least, cli
+
 CENTRE_HIT = 0.1   # grounding: a decoded anchor within 10 % of the image size counts as found (2D recall)
 EVAL_SEED0 = 100_000  # demonstrations use env seeds 0, 1, 2, ... (sim_export.write_demos): never overlap
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -214,13 +216,17 @@ def tabletop_tasks(args):
     return sim.TASKS if args.task == "all" else (args.task,)
 
 
+def check_tabletop_cameras(args, policy):
+    import sim
+    missing = [c.split(".")[-1] for c in policy.cameras if c.split(".")[-1] not in sim.CAMERAS]
+    if missing:
+        raise ValueError(f"{args.ckpt}/recipe.json: camera(s) {missing} do not exist in the tabletop world {sim.CAMERAS}")
+
+
 def run_tabletop(args, policy, results):
     import sim
     from expert import max_steps
     tasks = tabletop_tasks(args)
-    missing = [c.split(".")[-1] for c in policy.cameras if c.split(".")[-1] not in sim.CAMERAS]
-    if missing:
-        raise ValueError(f"{args.ckpt}/recipe.json: camera(s) {missing} do not exist in the tabletop world {sim.CAMERAS}")
     limits = {t: args.max_steps or max_steps(t) for t in tasks}
     results.protocol.update(tasks=list(tasks), setting=args.setting, step_limits=limits, render_size=args.render_size,
                             seeds=[EVAL_SEED0 + i for i in range(args.episodes)])
@@ -371,7 +377,9 @@ def stack(images):
     return canvas
 
 
-def run_grounding(args, results):
+def run_grounding(args, protocol):
+    """Decode every held-out sample (the model and data are read before anything is written to
+    --out); returns the Results, the metrics in results.extra["grounding"]."""
     import torch
     from data import Collator, GroundingDataset, tensors
     from formats import omni3d_files
@@ -387,6 +395,7 @@ def run_grounding(args, results):
     ds = GroundingDataset(args.data, pose_tok, size, n_views=n_views, neg_frac=0.0, split="val", seed=args.seed)
     n = min(len(ds), args.max_samples) if args.max_samples else len(ds)
     collate, pairs, centres = Collator(tok, max_dim=model.cfg.max_dim), [], []
+    results = Results(os.path.join(args.out, "results.json"), protocol)
     results.protocol.update(data=os.path.abspath(args.data), split="val", samples=n, views=n_views, image_size=size)
     for start in range(0, n, args.batch_size):
         idx = range(start, min(n, start + args.batch_size))
@@ -406,7 +415,7 @@ def run_grounding(args, results):
     results.protocol["recall_2d"] = f"same-name anchor within {CENTRE_HIT:.0%} of the image size of the 2D box centre"
     results.extra["grounding"] = metrics
     results.save(complete=True)
-    return metrics
+    return results
 
 
 def print_grounding(m):
@@ -427,15 +436,18 @@ def parse(argv=None):
     p.add_argument("--setting", default="clean", help="tabletop: clean (Easy) or randomized (Hard)")
     p.add_argument("--suite", default="libero_spatial",
                    help="LIBERO suite: libero_spatial|libero_object|libero_goal|libero_10")
-    p.add_argument("--episodes", type=int, default=20, help="episodes per task (LIBERO: initial states, at most 50)")
-    p.add_argument("--exec-steps", type=int, default=None, help="control steps executed per chunk before re-planning "
-                   "(default: half the chunk at control rate)")
-    p.add_argument("--max-steps", type=int, default=None, help="override the per-task step limit (recorded; smoke tests)")
-    p.add_argument("--render-size", type=int, default=128, help="tabletop camera resolution (the demos' default)")
-    p.add_argument("--gifs", type=int, default=2, help="GIFs of the first N episodes per task (head view)")
-    p.add_argument("--waypoint-tokens", type=int, default=160, help="max tokens when decoding waypoints for GIFs (0: "
-                   "draw the planned chunk's end-effector positions instead)")
-    p.add_argument("--swap-probes", type=int, default=4, help="tabletop: probe image sensitivity on the first "
+    p.add_argument("--episodes", type=at_least(1), default=20,
+                   help="episodes per task (LIBERO: initial states, at most 50)")
+    p.add_argument("--exec-steps", type=at_least(1), default=None, help="control steps executed per chunk before "
+                   "re-planning (default: half the chunk at control rate)")
+    p.add_argument("--max-steps", type=at_least(1), default=None,
+                   help="override the per-task step limit (recorded; smoke tests)")
+    p.add_argument("--render-size", type=at_least(1), default=128,
+                   help="tabletop camera resolution (the demos' default)")
+    p.add_argument("--gifs", type=at_least(0), default=2, help="GIFs of the first N episodes per task (head view)")
+    p.add_argument("--waypoint-tokens", type=at_least(0), default=160, help="max tokens when decoding waypoints for "
+                   "GIFs (0: draw the planned chunk's end-effector positions instead)")
+    p.add_argument("--swap-probes", type=at_least(0), default=4, help="tabletop: probe image sensitivity on the first "
                    "observation of the first N episodes per task (a few extra chunks; 0: off)")
     p.add_argument("--no-rays", action="store_true", help="do not feed ray maps (ablation)")
     p.add_argument("--no-depth", action="store_true", help="do not feed depth (ablation)")
@@ -444,27 +456,27 @@ def parse(argv=None):
     p.add_argument("--out", default=None, help="output folder (default outputs/eval/<sim>_<time>)")
     p.add_argument("--grounding", action="store_true", help="3D grounding evaluation instead of closed loop")
     p.add_argument("--data", default=None, help="grounding: held-out Omni3D/BOP data (split 'val')")
-    p.add_argument("--max-samples", type=int, default=0, help="grounding: evaluate at most N samples (0: all)")
-    p.add_argument("--batch-size", type=int, default=4, help="grounding: samples per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="grounding: decoding budget per sample")
-    p.add_argument("--overlays", type=int, default=8, help="grounding: overlay PNGs of the first N samples")
+    p.add_argument("--max-samples", type=at_least(0), default=0, help="grounding: evaluate at most N samples (0: all)")
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="grounding: samples per generate call")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="grounding: decoding budget per sample")
+    p.add_argument("--overlays", type=at_least(0), default=8, help="grounding: overlay PNGs of the first N samples")
     return p.parse_args(argv)
 
 
 def main(argv=None):
+    """Every input (flags, checkpoint, data) is checked and read before --out gets a file."""
     args = parse(argv)
     kind = "grounding" if args.grounding else args.sim
     if not os.path.isdir(args.ckpt):
         raise FileNotFoundError(f"{args.ckpt}: checkpoint directory not found")
     args.out = args.out or os.path.join("outputs", "eval", f"{kind}_{datetime.datetime.now():%Y%m%d_%H%M%S}")
-    os.makedirs(args.out, exist_ok=True)
     protocol = {"kind": kind, "checkpoint": checkpoint_record(args.ckpt), "code": code_version(),
                 "command": " ".join(sys.argv), "started": datetime.datetime.now().isoformat(timespec="seconds")}
-    results = Results(os.path.join(args.out, "results.json"), protocol)
     if args.grounding:
         if not args.data:
             raise ValueError("--grounding needs --data PATH (held-out grounding scenes)")
-        print_grounding(run_grounding(args, results))
+        results = run_grounding(args, protocol)
+        print_grounding(results.extra["grounding"])
         print(f"wrote {results.path}")
         return results
     from policy import Policy
@@ -475,13 +487,16 @@ def main(argv=None):
         policy = Policy(args.ckpt, robots=("libero",), exec_steps=args.exec_steps, use_rays=not args.no_rays,
                         use_depth=not args.no_depth, seed=libero_env.SEED, device=args.device)
         protocol.update(exec_steps=policy.exec_steps, rays=not args.no_rays, depth=not args.no_depth)
+        results = Results(os.path.join(args.out, "results.json"), protocol)
         libero_env.run_libero(args, policy, results, run_protocol)
     else:
         tabletop_tasks(args)
         policy = Policy(args.ckpt, robots=("tabletop",), exec_steps=args.exec_steps, use_rays=not args.no_rays,
                         use_depth=not args.no_depth, seed=args.seed, device=args.device)
+        check_tabletop_cameras(args, policy)
         protocol.update(exec_steps=policy.exec_steps, chunk=policy.recipe["chunk"], stride=policy.recipe["stride"],
                         rays=not args.no_rays, depth=not args.no_depth, policy_seed=args.seed)
+        results = Results(os.path.join(args.out, "results.json"), protocol)
         run_tabletop(args, policy, results)
     results.report()
     sens = results.extra.get("image_sensitivity")
@@ -496,9 +511,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    cli(main)

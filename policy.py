@@ -18,7 +18,6 @@ Reading order:
   6. predicted_waypoints(): the pose-text head's end-effector waypoints for the last observation
      (stage 2 teaches the VLM to write them), mapped back to the input image's pixels, for drawing.
 """
-import json
 import os
 import time
 from collections import deque
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from data import Collator, Stats, View, tensors
+from errors import read_json
 from fusion import letterbox
 from model import load_checkpoint
 from tokenizer import PoseTokenizer
@@ -54,8 +54,9 @@ def read_recipe(ckpt):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{ckpt}: no recipe.json; a policy checkpoint is written by post-training "
                                 f"(posttrain.py) with recipe.json and stats.json next to the weights")
-    with open(path) as f:
-        recipe = json.load(f)
+    recipe = read_json(path, "a post-training recipe (robot, cameras, chunk, stride, widths, image size)")
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: expected a JSON object with keys {list(RECIPE_KEYS)}")
     missing = [k for k in RECIPE_KEYS if k not in recipe]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}; expected {list(RECIPE_KEYS)}")
@@ -144,7 +145,7 @@ class Policy:
                 "actions": np.zeros((self.recipe["chunk"], self.recipe["action_dim"]), np.float32),
                 "is_pad": np.zeros(self.recipe["chunk"], bool)}
         batch = self.collate([item])
-        for key in ("actions", "is_pad", "label_ids", "label_mask"):
+        for key in ("actions", "is_pad", "label_ids", "label_mask", "skipped"):
             batch.pop(key)
         self.last_boxes = boxes
         return {k: v.to(self.device) for k, v in batch.items()}

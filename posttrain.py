@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from data import Collator, RobotDataset, Stats, fit_bins, open_source
+from errors import at_least, cli
 from formats import detect_format
 from tokenizer import PoseBins
 import vlm
-from trainer import (Run, add_train_args, builtin_demos, check_checkpoint, default_rates, parse_args,
+from trainer import (Run, add_train_args, builtin_demos, check_checkpoint, check_out, default_rates, parse_args,
                      set_trainable, setup_distributed, start_model, train, train_config, wrap)
 
 
@@ -63,7 +64,7 @@ def build_parser():
     p.add_argument("--eval-data", default=None, help="comma-separated held-out datasets (tabletop default: built-in val)")
     p.add_argument("--init", default=None, help="pre-trained checkpoint (omit: start from the plain VLM)")
     p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
-    p.add_argument("--episodes", type=int, default=None,
+    p.add_argument("--episodes", type=at_least(1), default=None,
                    help="use only the first N episodes of each training dataset (few-demonstration runs)")
     add_train_args(p, steps=None, batch_size=None, lr=None, warmup=50, eval_every=250, save_every=250)
     return p
@@ -74,9 +75,11 @@ def split_paths(text):
 
 
 def check_start(args):
-    """Flags and files, checked before any data generation or training."""
+    """Flags and files, checked before any data generation or training (the numbers' ranges are
+    argparse's, trainer.FLAG_MINIMUM)."""
     if args.robot is None:
         raise ValueError(f"--robot is required: one of {sorted(RECIPES)}")
+    check_out(args)
     if args.robot != "tabletop" and not args.data:
         raise ValueError(f"--robot {args.robot} needs --data PATH (only tabletop has built-in demonstrations)")
     for path in split_paths(args.data) + split_paths(args.eval_data):
@@ -90,9 +93,9 @@ def check_start(args):
         raise ValueError("--config paligemma-3b needs --vlm DIR (a local google/paligemma-3b-pt-224)")
 
 
-def sources(paths, recipe, episodes=None):
+def sources(paths, recipe, episodes=None, skip_bad=False):
     """Open the datasets (their first `episodes` episodes) and check their widths against the recipe."""
-    srcs = [open_source(p, episodes) for p in paths]
+    srcs = [open_source(p, episodes, skip_bad) for p in paths]
     for s in srcs:
         for key, want in (("state", recipe.state_dim), ("action", recipe.action_dim)):
             have = s.episodes[0].state.shape[1] if key == "state" else s.episodes[0].action.shape[1]
@@ -104,38 +107,38 @@ def sources(paths, recipe, episodes=None):
 def fit_stats(srcs):
     """z-scoring statistics over every training episode of every dataset."""
     return Stats.compute(np.concatenate([e.state for s in srcs for e in s.episodes]),
-                         np.concatenate([e.action for s in srcs for e in s.episodes]))
+                         np.concatenate([e.action for s in srcs for e in s.episodes]), ", ".join(s.path for s in srcs))
 
 
-def generic_bins(paths):
+def generic_bins(paths, skip_bad=False):
     """Flow-only training emits no pose tokens, but the vocabulary needs bins: fitted from end-effector
     poses when the data has them, else a generic tabletop range."""
     try:
-        return fit_bins(paths, n_bins=256)
+        return fit_bins(paths, n_bins=256, skip_bad=skip_bad)
     except ValueError:
         return PoseBins(np.linspace(-1.0, 1.0, 257), np.linspace(0.0, 2.0, 257), np.linspace(0.0, 1.0, 257))
 
 
 def main(argv=None):
     args = parse_args(build_parser, argv, need=("stats.json",))
+    args.out = args.out or os.path.join("runs", f"posttrain_{args.robot}")
     check_start(args)
     recipe = RECIPES[args.robot]
     args.steps, args.batch_size = args.steps or recipe.steps, args.batch_size or recipe.batch_size
     d = setup_distributed()
-    args.out = args.out or os.path.join("runs", f"posttrain_{args.robot}")
     paths = split_paths(args.data) or builtin_demos(args.cache, "train", d)
     eval_paths = split_paths(args.eval_data) or ([] if args.data else builtin_demos(args.cache, "val", d))
-    srcs = sources(paths, recipe, args.episodes)
+    srcs = sources(paths, recipe, args.episodes, args.skip_bad)
     stats = Stats.load(os.path.join(args.resume, "stats.json")) if args.resume else fit_stats(srcs)
     args.init = args.init or vlm.default_init(args, d)  # without --init: the plain VLM (the tiny one here)
-    model, tok, bins = start_model(args, lambda: generic_bins(paths))
+    model, tok, bins = start_model(args, lambda: generic_bins(paths, args.skip_bad))
     default_rates(args, model.cfg)
     model.cfg.action_horizon = recipe.chunk
     cameras = recipe.cameras or srcs[0].cameras[:model.cfg.n_views]
     if len(cameras) > model.cfg.n_views:
         raise ValueError(f"the {recipe.robot} recipe uses {len(cameras)} cameras; the model has {model.cfg.n_views} views")
     kw = dict(image_size=model.cfg.image_size, chunk=recipe.chunk, stride=recipe.stride, cameras=cameras,
-              stats=stats, seed=args.seed)
+              stats=stats, seed=args.seed, skip_bad=args.skip_bad)
     train_ds = RobotDataset(paths, episodes=args.episodes, **kw)
     eval_ds = RobotDataset(eval_paths, **kw) if eval_paths else None
     cfg = train_config(args)
@@ -154,4 +157,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -31,10 +31,11 @@ import torch
 
 import vlm
 from data import Collator, fit_bins, open_datasets
+from errors import at_least, cli
 from eval_sim import centre_errors, centre_summary, overlay, stack
 from formats import detect_format
 from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
-from trainer import (Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint, default_rates,
+from trainer import (Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint, check_out, default_rates,
                      parse_args, set_trainable, setup_distributed, start_model, to_device,
                      train, train_config, wrap)
 
@@ -56,30 +57,30 @@ def build_parser():
     p.add_argument("--init", default=None,
                    help="checkpoint to start from (required for --stage motion; stage grounding on the built-in "
                         "data with the tiny config defaults to the tiny VLM in --cache, built on first use)")
-    p.add_argument("--vision-steps", type=int, default=vlm.VisionConfig.steps,
+    p.add_argument("--vision-steps", type=at_least(1), default=vlm.VisionConfig.steps,
                    help="stage vlm: steps of the vision tower's own dense objective before the decoder joins")
     p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
-    p.add_argument("--n-bins", type=int, default=256,
+    p.add_argument("--n-bins", type=at_least(1), default=256,
                    help="pose bins per quantity, fitted on the training data (paper: 2048)")
     p.add_argument("--targets", default="poses", choices=["poses", "boxes"],
                    help="poses: the method; boxes: the semantic baseline (ablation.py) on the same data and "
                         "compute: stage 1 writes names + 2D boxes only, stage 2 trains flow matching only")
-    p.add_argument("--stride", type=int, default=1, help="motion: frames between chunk steps (RoboTwin: 3)")
-    p.add_argument("--show", type=int, default=3, help="grounding: held-out samples printed and drawn at the end")
+    p.add_argument("--stride", type=at_least(1), default=1, help="motion: frames between chunk steps (RoboTwin: 3)")
+    p.add_argument("--show", type=at_least(0), default=3,
+                   help="grounding: held-out samples printed and drawn at the end")
     add_train_args(p, steps=None, batch_size=8, lr=None, warmup=50, eval_every=250, save_every=250)
     return p
 
 
 def check_start(args):
-    """Everything that can be wrong with the flags or files, before any data or training time."""
+    """Everything that can be wrong with the flags or files, before any data or training time (the
+    numbers' ranges are argparse's, trainer.FLAG_MINIMUM)."""
     if args.stage == "motion" and not (args.init or args.resume):
         raise ValueError("--stage motion continues from a stage-1 checkpoint: pass --init CKPT")
     if args.stage == "vlm" and (args.init or args.vlm or args.config not in (None, "tiny")):
         raise ValueError("--stage vlm builds the tiny configuration's VLM from random weights; it takes no "
                          "--init/--vlm (the full configuration starts from PaliGemma itself)")
-    for flag in ("steps", "batch_size", "save_every", "keep", "log_every"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_out(args)
     for path in split_paths(args.data) + split_paths(args.eval_data):
         detect_format(path)  # raises FileNotFoundError / ValueError naming the path
     for ckpt in (args.init, args.resume):
@@ -103,7 +104,7 @@ def data_paths(args, d):
 
 
 def datasets(args, paths, eval_paths, pose_tok, cfg):
-    kw = dict(pose_tokenizer=pose_tok, image_size=cfg.image_size, seed=args.seed)
+    kw = dict(pose_tokenizer=pose_tok, image_size=cfg.image_size, seed=args.seed, skip_bad=args.skip_bad)
     if args.stage != "motion":
         kw.update(n_views=cfg.n_views, targets=args.targets)
     else:
@@ -242,15 +243,15 @@ def report(samples, size, path):
 def main(argv=None):
     args = parse_args(build_parser, argv)
     args.steps = STEPS[args.stage] if args.steps is None else args.steps
+    args.out = args.out or os.path.join("runs", f"pretrain_{args.stage}")
     check_start(args)
     d = setup_distributed()
-    args.out = args.out or os.path.join("runs", f"pretrain_{args.stage}")
     train_paths, eval_paths = data_paths(args, d)
     if args.stage == "vlm":  # PaliGemma's recipe: 2D detection text, decoder only, on a trained tower
         args.targets, args.freeze_vision = "boxes", True
     elif args.stage == "grounding":
         args.init = args.init or vlm.default_init(args, d)  # the tiny VLM plays PaliGemma's role
-    model, tok, bins = start_model(args, lambda: fit_bins(train_paths, n_bins=args.n_bins))
+    model, tok, bins = start_model(args, lambda: fit_bins(train_paths, n_bins=args.n_bins, skip_bad=args.skip_bad))
     default_rates(args, model.cfg)
     cfg = train_config(args)
     cfg.action_weight = 10.0 if args.stage == "motion" else 1.0  # SPEC 6: action loss x10 in stage 2
@@ -285,4 +286,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

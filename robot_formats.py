@@ -11,19 +11,22 @@ lazily; `camera` reads only K and camera->world (no image decoding, for fitting 
     a standard decoder returns red and blue swapped; `decode_image(..., bgr=True)` swaps them back.
 Actions of an `ee16` source are world-frame end-effector poses in the 16-dim layout of `ARMS`.
 File handles (h5py, PyAV, parquet row groups) are opened lazily per process and never pickled, so
-every DataLoader worker opens its own. Every error names the file, the key and what was expected.
+every DataLoader worker opens its own. Every error names the file, the key and what was expected;
+NaN/inf in a state, action or camera array is refused with its episode and frame. With `skip_bad`
+an unreadable episode is left out (warned, counted, reported once for the dataset) instead.
 Grounding readers (Omni3D, BOP), the shared decoders and `detect_format` live in formats.py.
 """
 import glob
 import json
 import os
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from formats import ROBOT_FORMATS, decode_depth_png, decode_image, detect_format, read_json
+from errors import BAD_INPUT, read_file, read_json
+from formats import ROBOT_FORMATS, decode_depth_png, decode_image, detect_format, report_dropped, skip_or_raise
 from tokenizer import euler_to_matrix, matrix_to_quat
 
 
@@ -52,10 +55,12 @@ ARMS = (("left", slice(0, 3), slice(3, 7)), ("right", slice(8, 11), slice(11, 15
 
 class RobotSource:
     """Common interface of the robot readers. `ee16`: actions are world-frame end-effector poses
-    laid out [l_xyz, l_quat(wxyz), l_grip, r_xyz, r_quat, r_grip] (needed for trajectory targets)."""
+    laid out [l_xyz, l_quat(wxyz), l_grip, r_xyz, r_quat, r_grip] (needed for trajectory targets).
+    `dropped`: what the reader left out under skip_bad (Counter of reason -> episodes)."""
     path: str
     cameras: list
     episodes: list
+    dropped: Counter
     ee16: bool = False
 
     def resolve_camera(self, name):
@@ -91,6 +96,19 @@ def _lru(cache, key, opener, size):
     return value
 
 
+def finite_frames(arr, path, key, episode, dtype=np.float32):
+    """`arr` (T, ...) as `dtype`, refusing NaN/inf (an overflow of the cast included) with the file,
+    key, episode and first bad frame named."""
+    with np.errstate(over="ignore"):
+        arr = np.asarray(arr, np.float64).astype(dtype)
+    bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1))
+    if len(bad):
+        more = f" (and {len(bad) - 1} more frames)" if len(bad) > 1 else ""
+        raise ValueError(f"{path}: '{key}' of episode {episode} holds NaN/inf at frame {bad[0]}{more}; "
+                         "expected finite values")
+    return arr
+
+
 # ----------------------------------------------------------------------------- LeRobot
 def _read_parquet(path, columns=None):
     import pyarrow.parquet as pq
@@ -100,6 +118,19 @@ def _read_parquet(path, columns=None):
         return pq.read_table(path, columns=columns)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for truncated or foreign files
         raise ValueError(f"{path}: cannot read parquet ({e}); the file may be truncated") from e
+
+
+def _jsonl(path):
+    """JSON lines -> list of objects (blank lines skipped); a bad line is named by its number."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {n}: {e}") from e
+    return rows
 
 
 def _column(table, key, path, width=None):
@@ -125,10 +156,10 @@ class LeRobotSource(RobotSource):
     """LeRobot v2.0/v2.1 (one parquet and mp4 per episode) or v3.0 (episodes share files)."""
     VERSIONS = ("v2.0", "v2.1", "v3.0")
 
-    def __init__(self, root):
-        self.path = root
+    def __init__(self, root, skip_bad=False):
+        self.path, self.skip_bad, self.dropped = root, skip_bad, Counter()
         info_path = os.path.join(root, "meta", "info.json")
-        self.info = read_json(info_path)
+        self.info = read_json(info_path, "LeRobot meta/info.json (codebase_version, features)")
         version = self.info.get("codebase_version")
         if version not in self.VERSIONS:
             raise ValueError(f"{info_path}: codebase_version '{version}' is not supported; "
@@ -148,32 +179,36 @@ class LeRobotSource(RobotSource):
         self.episodes = self._load_v3() if self.v3 else self._load_v2()
         self.ee16 = self.widths["action"] == 16 and any("extrinsics" in k for k in self.extra)
 
-    def _episode_arrays(self, table, path, lo, hi):
-        st = _column(table, "observation.state", path, self.widths["observation.state"])[lo:hi]
-        ac = _column(table, "action", path, self.widths["action"])[lo:hi]
-        extra = {k: _column(table, k, path)[lo:hi] for k in self.extra}
-        ts = _column(table, "timestamp", path)[lo:hi]
-        return st.astype(np.float32), ac.astype(np.float32), extra, ts
+    def _episode_arrays(self, table, path, lo, hi, episode):
+        """Per-frame state, action, camera extras and timestamps of one episode, all finite."""
+        col = lambda k, dtype=np.float64: finite_frames(  # noqa: E731
+            _column(table, k, path, self.widths.get(k))[lo:hi], path, k, episode, dtype)
+        return (col("observation.state", np.float32), col("action", np.float32), {k: col(k) for k in self.extra},
+                col("timestamp"))
 
     def _load_v2(self):
         path = os.path.join(self.path, "meta", "episodes.jsonl")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: file not found")
-        rows = [json.loads(line) for line in open(path) if line.strip()]
+        rows = read_file(path, "LeRobot v2 episodes (one JSON object per line)", _jsonl)
         chunks = int(self.info.get("chunks_size", 1000))
         episodes = []
-        for row in sorted(rows, key=lambda r: r["episode_index"]):
-            e = int(row["episode_index"])
-            path = os.path.join(self.path, self.info["data_path"].format(
-                episode_chunk=e // chunks, episode_index=e))
-            table = _read_parquet(path, self._numeric_columns())
-            st, ac, extra, ts = self._episode_arrays(table, path, 0, table.num_rows)
-            videos = {cam: (os.path.join(self.path, self.info["video_path"].format(
-                episode_chunk=e // chunks, video_key=key, episode_index=e)), 0.0)
-                for cam, (key, dtype) in self.media.items() if dtype == "video"}
-            episodes.append(Episode(st, ac, list(row.get("tasks", [])),
-                                    dict(file=path, row=0, ts=ts, extra=extra, videos=videos)))
+        for row in sorted(rows, key=lambda r: r.get("episode_index", -1)):
+            try:
+                episodes.append(self._v2_episode(row, chunks, path))
+            except BAD_INPUT as e:
+                skip_or_raise(e, self.skip_bad, self.dropped, "episode")
         return episodes
+
+    def _v2_episode(self, row, chunks, rows_path):
+        if "episode_index" not in row:
+            raise ValueError(f"{rows_path}: a row has no 'episode_index'")
+        e = int(row["episode_index"])
+        path = os.path.join(self.path, self.info["data_path"].format(episode_chunk=e // chunks, episode_index=e))
+        table = _read_parquet(path, self._numeric_columns())
+        st, ac, extra, ts = self._episode_arrays(table, path, 0, table.num_rows, e)
+        videos = {cam: (os.path.join(self.path, self.info["video_path"].format(
+            episode_chunk=e // chunks, video_key=key, episode_index=e)), 0.0)
+            for cam, (key, dtype) in self.media.items() if dtype == "video"}
+        return Episode(st, ac, list(row.get("tasks", [])), dict(file=path, row=0, ts=ts, extra=extra, videos=videos))
 
     def _load_v3(self):
         meta = os.path.join(self.path, "meta", "episodes")
@@ -183,29 +218,37 @@ class LeRobotSource(RobotSource):
         tasks = self._v3_tasks()
         tables, episodes = {}, []
         for f in files:
-            t = _read_parquet(f).to_pylist()
-            for row in sorted(t, key=lambda r: r["episode_index"]):
-                path = os.path.join(self.path, self.info["data_path"].format(
-                    chunk_index=row["data/chunk_index"], file_index=row["data/file_index"]))
-                if path not in tables:
-                    tables[path] = (_read_parquet(path, self._numeric_columns()),)
-                    tables[path] += (_column(tables[path][0], "index", path).astype(np.int64),)
-                table, index = tables[path]
-                lo = int(np.searchsorted(index, row["dataset_from_index"]))
-                hi = lo + int(row["dataset_to_index"] - row["dataset_from_index"])
-                if hi > len(index) or index[lo] != row["dataset_from_index"]:
-                    raise ValueError(f"{path}: rows {row['dataset_from_index']}..{row['dataset_to_index']}"
-                                     f" of episode {row['episode_index']} (from {f}) are missing")
-                st, ac, extra, ts = self._episode_arrays(table, path, lo, hi)
-                videos = {cam: (os.path.join(self.path, self.info["video_path"].format(
-                    video_key=key, chunk_index=row[f"videos/{key}/chunk_index"],
-                    file_index=row[f"videos/{key}/file_index"])), float(row[f"videos/{key}/from_timestamp"]))
-                    for cam, (key, dtype) in self.media.items() if dtype == "video"}
-                names = row.get("tasks") or [tasks.get(int(i), "") for i in
-                                             np.unique(_column(table, "task_index", path)[lo:hi])]
-                episodes.append(Episode(st, ac, list(names),
-                                        dict(file=path, row=lo, ts=ts, extra=extra, videos=videos)))
+            for row in sorted(_read_parquet(f).to_pylist(), key=lambda r: r.get("episode_index", -1)):
+                try:
+                    episodes.append(self._v3_episode(row, f, tables, tasks))
+                except KeyError as e:
+                    skip_or_raise(ValueError(f"{f}: episode row {row.get('episode_index')} has no column {e}"),
+                                  self.skip_bad, self.dropped, "episode")
+                except BAD_INPUT as e:
+                    skip_or_raise(e, self.skip_bad, self.dropped, "episode")
         return episodes
+
+    def _v3_episode(self, row, rows_path, tables, tasks):
+        """One episode of a v3.0 dataset from its row of meta/episodes; `tables` caches data files."""
+        path = os.path.join(self.path, self.info["data_path"].format(
+            chunk_index=row["data/chunk_index"], file_index=row["data/file_index"]))
+        if path not in tables:
+            table = _read_parquet(path, self._numeric_columns())
+            tables[path] = (table, _column(table, "index", path).astype(np.int64))
+        table, index = tables[path]
+        lo = int(np.searchsorted(index, row["dataset_from_index"]))
+        hi = lo + int(row["dataset_to_index"] - row["dataset_from_index"])
+        if hi > len(index) or (hi > lo and index[lo] != row["dataset_from_index"]):
+            raise ValueError(f"{path}: rows {row['dataset_from_index']}..{row['dataset_to_index']}"
+                             f" of episode {row['episode_index']} (from {rows_path}) are missing")
+        st, ac, extra, ts = self._episode_arrays(table, path, lo, hi, row["episode_index"])
+        videos = {cam: (os.path.join(self.path, self.info["video_path"].format(
+            video_key=key, chunk_index=row[f"videos/{key}/chunk_index"],
+            file_index=row[f"videos/{key}/file_index"])), float(row[f"videos/{key}/from_timestamp"]))
+            for cam, (key, dtype) in self.media.items() if dtype == "video"}
+        names = row.get("tasks") or [tasks.get(int(i), "") for i in
+                                     np.unique(_column(table, "task_index", path)[lo:hi])]
+        return Episode(st, ac, list(names), dict(file=path, row=lo, ts=ts, extra=extra, videos=videos))
 
     def _numeric_columns(self):  # image columns stay on disk until a frame is asked for
         return ["observation.state", "action", "timestamp", "index", "task_index"] + self.extra
@@ -286,6 +329,8 @@ def _matrix(f, key, t, shape, path):
     arr = np.asarray(ds[t] if ds.ndim == len(shape) + 1 else ds[()], np.float64)
     if arr.shape != shape:
         raise ValueError(f"{path}: '{key}' has shape {ds.shape}; expected (T, *{shape}) or {shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{path}: '{key}' holds NaN/inf at frame {t}; expected a finite camera matrix")
     return arr
 
 
@@ -299,8 +344,7 @@ class RoboTwinSource(RobotSource):
     CAMS = {"release": ("head_camera", "left_camera", "right_camera", "front_camera"),
             "current": ("cam_head", "cam_left_wrist", "cam_right_wrist")}
 
-    def __init__(self, path):
-        import h5py
+    def __init__(self, path, skip_bad=False):
         if os.path.isfile(path):
             files, self.path = [path], path
         else:
@@ -310,16 +354,24 @@ class RoboTwinSource(RobotSource):
             self.path = path
         if not files:
             raise FileNotFoundError(f"{path}: no data/episode*.hdf5 files found")
-        self.episodes, self.cameras = [], None
-        for p in files:
+        self.episodes, self.cameras, self.dropped = [], None, Counter()
+        for k, p in enumerate(files):
             try:
-                with h5py.File(p, "r") as f:
-                    ep, cams = self._read_episode(f, p)
-            except OSError as e:
-                raise ValueError(f"{p}: cannot open HDF5 ({e}); the file may be truncated") from e
+                ep, cams = self._read_file(p, k)
+            except BAD_INPUT as e:
+                skip_or_raise(e, skip_bad, self.dropped, "episode")
+                continue
             self.cameras = cams if self.cameras is None else [c for c in self.cameras if c in cams]
             self.episodes.append(ep)
         self.ee16 = all(e.key["ee16"] for e in self.episodes)
+
+    def _read_file(self, p, k):
+        import h5py
+        try:
+            with h5py.File(p, "r") as f:
+                return self._read_episode(f, p, k)
+        except OSError as e:
+            raise ValueError(f"{p}: cannot open HDF5 ({e}); the file may be truncated") from e
 
     @staticmethod
     def layout(f):
@@ -332,11 +384,12 @@ class RoboTwinSource(RobotSource):
         raise ValueError(f"{f.filename}: unknown RoboTwin layout; expected /observation + /endpose "
                          "or vision/ + state/ + action/")
 
-    def _read_episode(self, f, p):
+    def _read_episode(self, f, p, k):
+        """(Episode, camera names) of file `p`, the dataset's episode k."""
         layout = self.layout(f)
         if layout == "current":
-            st = self._arms(f, "state", p)
-            ac = self._arms(f, "action", p)
+            st = finite_frames(self._arms(f, "state", p), p, "state", k)
+            ac = finite_frames(self._arms(f, "action", p), p, "action", k)
             cams = [c for c in self.CAMS["current"] if f"vision/{c}/colors" in f]
             tasks = _instructions(f["instructions"][()] if "instructions" in f else None)
             ee16 = True
@@ -347,6 +400,7 @@ class RoboTwinSource(RobotSource):
                 st, ee16 = np.asarray(_h5(f, "joint_action/vector", p), np.float32), False
             else:
                 st, ee16 = self._arms(f, "endpose", p), True
+            st = finite_frames(st, p, "endpose" if ee16 else "joint_action/vector", k)
             ac = np.concatenate([st[1:], st[-1:]], axis=0)
             cams = [c for c in self.CAMS["release"] if f"observation/{c}/rgb" in f]
             tasks = self._instruction_file(p)
@@ -390,7 +444,7 @@ class RoboTwinSource(RobotSource):
         root = os.path.dirname(os.path.dirname(p))
         path = os.path.join(root, "instructions", f"episode{int(m.group(1)) if m else 0}.json")
         if os.path.exists(path):
-            return _instructions(read_json(path))
+            return _instructions(read_json(path, "RoboTwin instructions (seen/unseen lists)"))
         return [os.path.basename(os.path.dirname(root)).replace("_", " ")]
 
     def _file(self, p):
@@ -439,13 +493,20 @@ def _instructions(value):
 
 
 # ----------------------------------------------------------------------------- dispatch
-def open_source(path, episodes=None):
+def open_source(path, episodes=None, skip_bad=False):
     """The RobotSource for a LeRobot or RoboTwin dataset at `path` (format detected); with
-    `episodes`, only its first N episodes (few-demonstration experiments)."""
+    `episodes`, only its first N episodes (few-demonstration experiments); with `skip_bad`,
+    without its unreadable episodes (reported once). A dataset without frames is an error."""
     fmt = detect_format(path)
     if fmt not in ROBOT_FORMATS:
         raise ValueError(f"{path}: format '{fmt}' holds no robot episodes; expected one of {ROBOT_FORMATS}")
-    source = LeRobotSource(path) if fmt == "lerobot" else RoboTwinSource(path)
+    source = (LeRobotSource if fmt == "lerobot" else RoboTwinSource)(path, skip_bad)
+    frames = sum(len(e.state) for e in source.episodes)
+    if not frames:
+        why = "; ".join(f"{n} {r}" for r, n in source.dropped.items())
+        raise ValueError(f"{path}: no frames in {len(source.episodes)} episode(s){f' ({why})' if why else ''}; "
+                         "expected at least one episode with frames")
+    report_dropped(path, source.dropped, f"{len(source.episodes)} episodes, {frames} frames")
     if episodes is not None:
         if not 1 <= episodes <= len(source.episodes):
             raise ValueError(f"{path}: asked for the first {episodes} episodes; it holds {len(source.episodes)}")

@@ -596,5 +596,6 @@ class TabletopEnv:
 
 
 if __name__ == "__main__":  # the command line lives with the writers and experts, which import this module
+    from errors import cli
     from sim_export import main
-    main()
+    cli(main)

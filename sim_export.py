@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import sim
+from errors import at_least, cli
 from expert import rollout, show
 
 # Object frame for annotations (Omni3D/Cube R-CNN): x = body x, y = -body z (down), z = body y.
@@ -339,11 +340,11 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("grounding", help="write Omni3D-format grounding scenes")
     g.add_argument("--out", required=True, help="output folder (annotations.json, images/, depth/)")
-    g.add_argument("--scenes", type=int, default=100, help="number of random layouts")
-    g.add_argument("--views", type=int, default=2, help="random camera poses per layout")
+    g.add_argument("--scenes", type=at_least(1), default=100, help="number of random layouts")
+    g.add_argument("--views", type=at_least(1), default=2, help="random camera poses per layout")
     d = sub.add_parser("demos", help="write expert demonstrations as a LeRobot v3.0 dataset")
     d.add_argument("--task", required=True, choices=sim.TASKS, help="which task")
-    d.add_argument("--episodes", type=int, default=50, help="number of successful episodes to keep")
+    d.add_argument("--episodes", type=at_least(1), default=50, help="number of successful episodes to keep")
     d.add_argument("--out", required=True, help="dataset root folder")
     d.add_argument("--setting", default="clean", choices=sim.SETTINGS, help="clean or randomized scenes")
     s = sub.add_parser("show", help="PNG of the three views and GIF of an expert rollout")
@@ -351,10 +352,10 @@ def main(argv=None):
     s.add_argument("--setting", default="clean", choices=sim.SETTINGS, help="clean or randomized scenes")
     s.add_argument("--out", default="outputs/sim_show", help="output folder")
     b = sub.add_parser("bench", help="ms per control step and demos per minute")
-    b.add_argument("--episodes", type=int, default=3, help="episodes per task to time")
+    b.add_argument("--episodes", type=at_least(1), default=3, help="episodes per task to time")
     for q in (g, d, s, b):
         q.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-        q.add_argument("--size", type=int, default=256 if q is g else 128, help="square image size in pixels")
+        q.add_argument("--size", type=at_least(1), default=256 if q is g else 128, help="square image size in pixels")
     a = p.parse_args(argv)
     if a.cmd == "grounding":
         print(write_grounding(a.out, a.scenes, a.seed, a.size, a.views))
@@ -367,4 +368,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

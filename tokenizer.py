@@ -18,11 +18,12 @@ model can copy the class name from the prompt. Every tuple ends with `;`. An emp
 tuples (`left arm 0`, ...) have a 2-token (u, v) anchor and no size tokens.
 """
 import json
-import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from errors import read_json
 
 N_LOC = 1024     # PaliGemma's <loc0000>..<loc1023>
 N_ROT = 360      # 1 degree per bin over [-pi, pi)
@@ -169,10 +170,9 @@ class PoseBins:
 
     @classmethod
     def load(cls, path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no bin-edge file (written by PoseBins.save next to every checkpoint)")
-        with open(path) as f:
-            d = json.load(f)
+        d = read_json(path, "pose bin edges (PoseBins.save, next to every checkpoint)")
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object with 'xy', 'z', 'size' edge lists")
         missing = [k for k in cls.KINDS if k not in d]
         if missing:
             raise ValueError(f"{path}: missing key(s) {missing}; expected 'xy', 'z', 'size' edge lists")

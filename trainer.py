@@ -12,6 +12,14 @@ Reading order:
   7. the built-in tabletop data (sim_export), generated into a cache folder on first use.
 A resumed run continues exactly: optimiser, scheduler, every process's RNG and the data position
 are restored, and evaluation runs under a forked RNG so it never shifts the training randomness.
+
+Bad input never trains silently. A sample that cannot be read or holds NaN/inf stops the run with
+an error naming its file, episode, frame and key (data.py); with --skip-bad it is replaced by the
+next good sample and counted (`skipped` in train_log.jsonl). A non-finite loss or gradient norm is
+always fatal: the step is not applied, nothing is saved for it, the last good checkpoint stays, and
+the error says which. Skipping such a batch would hide a diverging run (too high a --lr), and bad
+data is already refused sample by sample before it reaches a batch. No checkpoint with NaN/inf
+weights is ever written.
 """
 import argparse
 import contextlib
@@ -32,6 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import MixtureSampler
+from errors import at_least, read_file, read_json
 from model import CONFIGS, build_model, image_sensitivity, load_checkpoint, save_checkpoint
 from tokenizer import loc_tokens
 
@@ -70,7 +79,12 @@ PEAK_LR = {"tiny": 1e-3, "paligemma-3b": 2.5e-5}
 # PaliGemma protects its encoder (at 1e-3 the tiny tower collapses); the full model trains all alike.
 VISION_LR_SCALE = {"tiny": 0.1, "paligemma-3b": 1.0}
 # Flags that may differ from the saved ones on --resume; everything else must match (exactness).
-RESUME_OVERRIDES = {"resume", "out", "steps", "workers", "eval_every", "save_every", "keep", "log_every"}
+# --skip-bad may be turned on to get past a bad sample that stopped the run (until it, nothing differs).
+RESUME_OVERRIDES = {"resume", "out", "steps", "workers", "eval_every", "save_every", "keep", "log_every",
+                    "skip_bad"}
+# The smallest value each numeric flag can take (lr and the others above: strictly above 0).
+FLAG_MINIMUM = {"steps": 1, "batch_size": 1, "warmup": 0, "eval_every": 0, "save_every": 1, "keep": 1,
+                "log_every": 1, "workers": 0, "lr": 0.0, "vision_lr_scale": 0.0}
 
 
 def add_train_args(p, **defaults):
@@ -98,12 +112,15 @@ def add_train_args(p, **defaults):
                        ("save_every", "steps between checkpoints"), ("keep", "checkpoints to keep"),
                        ("log_every", "steps between log lines"), ("workers", "DataLoader workers per process"),
                        ("seed", "random seed (model init, data order, noise)")):
-        p.add_argument("--" + name.replace("_", "-"), type=types[name], default=d[name], help=text)
+        kind = types[name] if name not in FLAG_MINIMUM else at_least(FLAG_MINIMUM[name], types[name], name == "lr")
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name], help=text)
     for name, text in (("freeze_vision", "keep the SigLIP vision tower fixed"),
                        ("train_expert_only", "train only the action expert and its heads"),
                        ("grad_checkpointing", "recompute layer activations in backward (less memory)"),
                        ("compile", "torch.compile the model"),
-                       ("fsdp", "shard parameters, gradients and optimiser state with FSDP (full model)")):
+                       ("fsdp", "shard parameters, gradients and optimiser state with FSDP (full model)"),
+                       ("skip_bad", "leave out unreadable or non-finite images, episodes and samples (warned, "
+                                    "counted as `skipped` in train_log.jsonl) instead of stopping")):
         p.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
     return p
 
@@ -121,8 +138,10 @@ def parse_args(build_parser, argv=None, need=()):
         return args
     ckpt = resolve_checkpoint(args.resume)
     check_checkpoint(ckpt, None, need=("train_state.pt", "train_args.json") + tuple(need))
-    with open(os.path.join(ckpt, "train_args.json")) as f:
-        saved = json.load(f)
+    saved = read_json(os.path.join(ckpt, "train_args.json"), "the run's flags (a JSON object)")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{ckpt}/train_args.json: expected a JSON object of the run's flags")
+    saved.setdefault("skip_bad", False)  # runs from before the flag existed
     names = vars(build_parser().parse_args([]))
     if set(names) - set(saved):
         raise ValueError(f"{ckpt}/train_args.json lacks {sorted(set(names) - set(saved))}: the run was "
@@ -184,16 +203,29 @@ def check_checkpoint(ckpt, config, need=()):
         if not os.path.exists(os.path.join(ckpt, name)):
             raise FileNotFoundError(f"{ckpt}: missing {name}; not a complete Pose-VLA checkpoint directory")
     path = os.path.join(ckpt, "config.json")
+    have = read_json(path, "a PoseVLAConfig (model.save_checkpoint)")
+    if not isinstance(have, dict) or not isinstance(have.get("vlm"), dict):
+        raise ValueError(f"{path}: no 'vlm' section; expected a PoseVLAConfig written by model.save_checkpoint")
     if config is None:
         return
-    with open(path) as f:
-        have = json.load(f)["vlm"]
-    want = CONFIGS[config]().vlm
+    have, want = have["vlm"], CONFIGS[config]().vlm
     for part, key in (("text_config", "hidden_size"), ("text_config", "num_hidden_layers"),
                       ("vision_config", "hidden_size"), ("vision_config", "image_size")):
         if have[part][key] != want[part][key]:
             raise ValueError(f"{path}: {part}.{key} = {have[part][key]} but --config {config} has "
                              f"{want[part][key]}; the checkpoint was trained with another configuration")
+
+
+def check_out(args):
+    """A fresh run must not write into another run's folder: save() keeps an existing step_XXXXXX
+    instead of this run's and the log would be overwritten. --resume it, or choose another --out."""
+    if args.resume or not os.path.exists(args.out):
+        return
+    if not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: is a file; expected a run directory")
+    if checkpoints(args.out):
+        raise ValueError(f"--out {args.out} already holds a run ({os.path.basename(checkpoints(args.out)[-1])}); "
+                         f"continue it with --resume {args.out} or choose another --out")
 
 
 def resolve_checkpoint(path):
@@ -385,10 +417,12 @@ class Batches:
 
 
 def to_device(batch, device):
-    """Tensors to the device; a batch without any label token (flow-only) drops the NTP inputs."""
+    """Tensors to the device; a batch without any label token (flow-only) drops the NTP inputs, and
+    the Collator's count of skipped samples stays behind (the loop reads it before)."""
     if "label_mask" in batch and not batch["label_mask"].any():
         batch = {k: v for k, v in batch.items() if k not in ("label_ids", "label_mask")}
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+            if k != "skipped"}
 
 
 def autocast(device):
@@ -444,6 +478,10 @@ def save(run, step, optimizer, scheduler, batches, cfg, d):
     final = os.path.join(run.out, f"step_{step:06d}")
     rngs = _gather(rng_state(), d)
     weights, optim = _full_states(run, optimizer, cfg)
+    bad = [k for k, v in weights.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not _everywhere(not bad, d):
+        raise ValueError(f"step {step}: weight tensors hold NaN/inf ({bad[:3] or 'on another process'}); not "
+                         f"writing {final}; the last good checkpoint is {_last_checkpoint(run.out)}")
     if d.main and not os.path.exists(final):
         stage = final + ".partial"
         shutil.rmtree(stage, ignore_errors=True)
@@ -461,9 +499,19 @@ def save(run, step, optimizer, scheduler, batches, cfg, d):
     return final
 
 
+def _last_checkpoint(run_dir):
+    found = checkpoints(run_dir) if os.path.isdir(run_dir) else []
+    return found[-1] if found else "none (no checkpoint written yet)"
+
+
 def restore(ckpt, run, optimizer, scheduler, batches, cfg, d):
     """Load train_state.pt (the weights came with load_checkpoint); returns the step."""
-    state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
+    path = os.path.join(ckpt, "train_state.pt")
+    state = read_file(path, "the training state (trainer.save: optimiser, scheduler, RNG, data position)",
+                      lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    missing = {"step", "optimizer", "scheduler", "rng", "data", "world"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise ValueError(f"{path}: missing {sorted(missing)}; not a training state written by trainer.save")
     if state["world"] != d.world:
         raise ValueError(f"{ckpt}: written by {state['world']} processes, resumed with {d.world}; "
                          "use the same number to continue exactly")
@@ -587,49 +635,78 @@ def train(run, net, dataset, collate, cfg, d, eval_dataset=None, extra_eval=None
         _log(run, d, {"step": 0, **probe_images(run, eval_dataset, collate, cfg, d)})
     stop, last = StopFlag(), None
     bar = tqdm(initial=step, total=cfg.steps, disable=not d.main, dynamic_ncols=True)
-    window = {"time": 0.0, "wait": 0.0, "steps": 0}
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        batch = to_device(next(batches), d.device)
-        t1 = time.perf_counter()
-        with autocast(d.device):
-            out = net(batch, action_weight=cfg.action_weight)
-        out["loss"].backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window["wait"], window["time"] = window["wait"] + t1 - t0, window["time"] + time.perf_counter() - t0
-        window["steps"] += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            loss, ntp, flow = _mean(losses(out), d)
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            rate = window["steps"] * cfg.batch_size * d.world / window["time"]
-            lr = scheduler.get_last_lr()[0]
-            record = {"step": step, "loss": loss, "ntp_loss": ntp, "flow_loss": flow, "lr": lr,
-                      "grad_norm": norm, "samples_per_s": rate, "data_wait": window["wait"] / window["time"]}
-            _log(run, d, record)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}", wait=f"{record['data_wait']:.0%}")
-            window = {"time": 0.0, "wait": 0.0, "steps": 0}
-        bar.update(1)
-        if eval_dataset is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            record = {"step": step, **evaluate(run, net, eval_dataset, collate, cfg, d)}
-            if extra_eval is not None:
-                record.update(extra_eval(run, d))
-            _log(run, d, record, bar)
-        stopping = stop.agreed(d)
-        if stopping or step % cfg.save_every == 0 or step == cfg.steps:
-            last = save(run, step, optimizer, scheduler, batches, cfg, d)
-        if stopping:
-            bar.close()
-            stop.close()
-            if d.main:
-                print(f"interrupted at step {step}: wrote {last}; continue with --resume {run.out}", flush=True)
-            sys.exit(130)
-    bar.close()
-    stop.close()
+    window = {"time": 0.0, "wait": 0.0, "steps": 0, "skipped": 0}
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            window["skipped"] += batch.pop("skipped", 0)
+            batch = to_device(batch, d.device)
+            t1 = time.perf_counter()
+            with autocast(d.device):
+                out = net(batch, action_weight=cfg.action_weight)
+            out["loss"].backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if not _finite_step(out["loss"], norm, d):
+                raise ValueError(_non_finite_message(step + 1, out, norm, run.out))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window["wait"], window["time"] = window["wait"] + t1 - t0, window["time"] + time.perf_counter() - t0
+            window["steps"] += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss, ntp, flow, skipped = _mean(losses(out) + [window["skipped"]], d)
+                skipped = round(skipped * d.world)  # summed over processes
+                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                rate = window["steps"] * cfg.batch_size * d.world / window["time"]
+                lr = scheduler.get_last_lr()[0]
+                record = {"step": step, "loss": loss, "ntp_loss": ntp, "flow_loss": flow, "lr": lr, "grad_norm": norm,
+                          "samples_per_s": rate, "data_wait": window["wait"] / window["time"],
+                          "skipped": skipped}
+                _log(run, d, record)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}",
+                                wait=f"{record['data_wait']:.0%}", **({"skipped": skipped} if skipped else {}))
+                window = {"time": 0.0, "wait": 0.0, "steps": 0, "skipped": 0}
+            bar.update(1)
+            if eval_dataset is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                record = {"step": step, **evaluate(run, net, eval_dataset, collate, cfg, d)}
+                if extra_eval is not None:
+                    record.update(extra_eval(run, d))
+                _log(run, d, record, bar)
+            stopping = stop.agreed(d)
+            if stopping or step % cfg.save_every == 0 or step == cfg.steps:
+                last = save(run, step, optimizer, scheduler, batches, cfg, d)
+            if stopping:
+                if d.main:
+                    print(f"interrupted at step {step}: wrote {last}; continue with --resume {run.out}", flush=True)
+                sys.exit(130)
+    finally:  # an error (a bad sample, a non-finite step) restores the signal handlers too
+        bar.close()
+        stop.close()
     return last
+
+
+def _finite_step(loss, norm, d):
+    """True on every process when this step's loss and gradient norm are finite on every process."""
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return _everywhere(bool(torch.isfinite(loss.detach()) and torch.isfinite(norm)), d)
+
+
+def _everywhere(ok, d):
+    """True when `ok` holds on every process (each process passes its own)."""
+    flag = torch.tensor([float(ok)], device=d.device)
+    if d.world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _non_finite_message(step, out, norm, run_dir):
+    parts = ", ".join(f"{k} {out[k].item():.4g}" for k in ("loss", "ntp_loss", "flow_loss") if k in out)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return (f"step {step}: the loss or gradient is not finite ({parts}, grad norm {norm:.4g}); training stopped "
+            f"without applying the step or saving it. The last good checkpoint is {_last_checkpoint(run_dir)}. "
+            "Every sample was checked for NaN/inf as it was read, so the run diverged: lower --lr or raise --warmup")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -181,7 +181,10 @@ def pretrain_vision(model, ground, text_tokenizer, cfg: VisionConfig, eval_groun
         images, words, centre, depth = batch(data, rng.integers(len(data), size=cfg.batch_size))
         loss, recall, false_bg = dense_loss(head, tower(images).last_hidden_state, words, centre, depth, cfg)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):  # as trainer.train: never apply a NaN step
+            raise ValueError(f"vision step {step}: loss {loss.item():.4g}, grad norm {norm.item():.4g} is not finite; "
+                             "stopped before applying it (lower the learning rate)")
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
