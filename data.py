@@ -270,9 +270,9 @@ class Stats:
                     "q01": np.quantile(x, 0.01, axis=0).tolist(), "q99": np.quantile(x, 0.99, axis=0).tolist()}
         return cls(one(states, "state"), one(actions, "action"))
 
-    def check(self, where):
-        """self when every statistic is a list of finite numbers of one width per part; else an
-        error naming `where`, the part and the statistic."""
+    def _check(self, where):
+        """self when every statistic is a list of finite numbers, as long as the part's mean; else
+        an error naming `where`, the part and the statistic."""
         for key in ("state", "action"):
             part = getattr(self, key)
             if not isinstance(part, dict) or not {"mean", "std", "q01", "q99"} <= set(part):
@@ -284,8 +284,8 @@ class Stats:
                 except (TypeError, ValueError):
                     values = None
                 if values is None or values.ndim != 1 or values.shape != width or not np.isfinite(values).all():
-                    raise ValueError(f"{where}: '{key}.{name}' must be {width[0] if width else 'some'} finite "
-                                     f"numbers like '{key}.mean', got {str(part[name])[:80]}")
+                    raise ValueError(f"{where}: '{key}.{name}' must be a list of finite numbers as long as "
+                                     f"'{key}.mean', got {str(part[name])[:80]}")
         return self
 
     def _ms(self, key, x, where):
@@ -316,7 +316,7 @@ class Stats:
         if not isinstance(d, dict) or set(d) != {"state", "action"}:
             raise ValueError(f"{path}: expected keys 'state' and 'action', got "
                              f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
-        return cls(d["state"], d["action"]).check(path)
+        return cls(d["state"], d["action"])._check(path)
 
 
 def source_stats(source, cache_dir=None):

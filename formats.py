@@ -4,11 +4,12 @@ Each becomes a list of `SceneImage` records (image and depth paths, K, 3D object
   - Omni3D JSON (Objectron, ARKitScenes, SUN RGB-D and the built-in tabletop scenes),
   - BOP scene folders (millimetres -> metres, `visib_fract` filter, id-to-name map).
 Also here, shared with the robot readers of robot_formats.py: the image/depth decoders with errors
-that name the file, `report_dropped` (what a reader left out and why, one warning per dataset), and
-`detect_format`, which names the format stored at a path (omni3d, bop, lerobot or robotwin). Every
-error names the file, the key and what was expected; no unit or scale is ever assumed. With
-`skip_bad` an unreadable image or annotation is left out (warned and counted) instead of stopping
-the whole dataset; a dataset left without any usable object is an error either way.
+that name the file, `report_dropped` (what a reader left out and why, one warning per dataset or
+file), and `detect_format`, which names the format stored at a path (omni3d, bop, lerobot or
+robotwin). Every error names the file, the key and what was expected; a unit the format leaves to
+the data (BOP's depth_scale) is never assumed. With `skip_bad` an unreadable image or annotation is
+left out (warned and counted) instead of stopping the whole dataset; a dataset left without any
+usable object is an error either way.
 """
 import glob
 import io

@@ -96,12 +96,12 @@ def _lru(cache, key, opener, size):
     return value
 
 
-def finite_frames(arr, path, key, episode, dtype=np.float32):
+def _finite_frames(arr, path, key, episode, dtype=np.float32):
     """`arr` (T, ...) as `dtype`, refusing NaN/inf (an overflow of the cast included) with the file,
     key, episode and first bad frame named."""
     with np.errstate(over="ignore"):
         arr = np.asarray(arr, np.float64).astype(dtype)
-    bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1))
+    bad = np.flatnonzero(~np.isfinite(arr).all(axis=tuple(range(1, arr.ndim))))
     if len(bad):
         more = f" (and {len(bad) - 1} more frames)" if len(bad) > 1 else ""
         raise ValueError(f"{path}: '{key}' of episode {episode} holds NaN/inf at frame {bad[0]}{more}; "
@@ -169,9 +169,16 @@ class LeRobotSource(RobotSource):
         for key in ("observation.state", "action"):
             if key not in feats:
                 raise ValueError(f"{info_path}: features has no '{key}'")
+        lacking = [f"features['{k}'].{field}" for k in feats for field in ("dtype", "shape") if field not in feats[k]]
+        if lacking:
+            raise ValueError(f"{info_path}: missing {lacking[:3]}; expected a dtype and a shape per feature")
         self.widths = {k: int(np.prod(feats[k]["shape"])) for k in ("observation.state", "action")}
         self.media = {k[len("observation.images."):]: (k, feats[k]["dtype"]) for k in feats
                       if k.startswith("observation.images.") and feats[k]["dtype"] in ("image", "video")}
+        paths = ("data_path", "video_path") if any(dtype == "video" for _, dtype in self.media.values()) else ("data_path",)
+        if any(k not in self.info for k in paths):
+            raise ValueError(f"{info_path}: missing {[k for k in paths if k not in self.info]}; expected the file "
+                             "name patterns of the frames (and videos)")
         self.cameras = list(self.media)
         self.extra = [k for k in feats if k.startswith(("observation.intrinsics.",
                                                         "observation.extrinsics."))]
@@ -181,8 +188,8 @@ class LeRobotSource(RobotSource):
 
     def _episode_arrays(self, table, path, lo, hi, episode):
         """Per-frame state, action, camera extras and timestamps of one episode, all finite."""
-        col = lambda k, dtype=np.float64: finite_frames(  # noqa: E731
-            _column(table, k, path, self.widths.get(k))[lo:hi], path, k, episode, dtype)
+        def col(key, dtype=np.float64):
+            return _finite_frames(_column(table, key, path, self.widths.get(key))[lo:hi], path, key, episode, dtype)
         return (col("observation.state", np.float32), col("action", np.float32), {k: col(k) for k in self.extra},
                 col("timestamp"))
 
@@ -388,8 +395,8 @@ class RoboTwinSource(RobotSource):
         """(Episode, camera names) of file `p`, the dataset's episode k."""
         layout = self.layout(f)
         if layout == "current":
-            st = finite_frames(self._arms(f, "state", p), p, "state", k)
-            ac = finite_frames(self._arms(f, "action", p), p, "action", k)
+            st = _finite_frames(self._arms(f, "state", p), p, "state", k)
+            ac = _finite_frames(self._arms(f, "action", p), p, "action", k)
             cams = [c for c in self.CAMS["current"] if f"vision/{c}/colors" in f]
             tasks = _instructions(f["instructions"][()] if "instructions" in f else None)
             ee16 = True
@@ -400,7 +407,7 @@ class RoboTwinSource(RobotSource):
                 st, ee16 = np.asarray(_h5(f, "joint_action/vector", p), np.float32), False
             else:
                 st, ee16 = self._arms(f, "endpose", p), True
-            st = finite_frames(st, p, "endpose" if ee16 else "joint_action/vector", k)
+            st = _finite_frames(st, p, "endpose" if ee16 else "joint_action/vector", k)
             ac = np.concatenate([st[1:], st[-1:]], axis=0)
             cams = [c for c in self.CAMS["release"] if f"observation/{c}/rgb" in f]
             tasks = self._instruction_file(p)

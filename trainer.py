@@ -82,7 +82,7 @@ VISION_LR_SCALE = {"tiny": 0.1, "paligemma-3b": 1.0}
 # --skip-bad may be turned on to get past a bad sample that stopped the run (until it, nothing differs).
 RESUME_OVERRIDES = {"resume", "out", "steps", "workers", "eval_every", "save_every", "keep", "log_every",
                     "skip_bad"}
-# The smallest value each numeric flag can take (lr and the others above: strictly above 0).
+# The smallest value of each numeric flag, refused by argparse below it (--lr: at or below it).
 FLAG_MINIMUM = {"steps": 1, "batch_size": 1, "warmup": 0, "eval_every": 0, "save_every": 1, "keep": 1,
                 "log_every": 1, "workers": 0, "lr": 0.0, "vision_lr_scale": 0.0}
 
