@@ -299,6 +299,16 @@ def test_bad_input_exits_with_one_clear_line(fx, tmp_path, capsys, main, argv, c
     assert listing(str(tmp_path)) == inputs  # a resumed or refused run folder is left as it was
 
 
+def test_cli_prints_our_errors_in_one_line_and_keeps_a_bug_s_traceback():
+    def worker_error(argv):  # how a DataLoader worker's error reaches the main process
+        raise ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"data.py\", line 1, in item\nValueError: x.parquet: row 3 'image': cannot decode")
+    with pytest.raises(SystemExit, match=r"^error: x.parquet: row 3 'image': cannot decode$"):
+        cli(worker_error)
+    with pytest.raises(ZeroDivisionError):  # not bad input: a bug, with its traceback
+        cli(lambda argv: 1 / 0)
+
+
 def test_the_table_is_large_enough():
     assert len(CASES) + len(READER_CASES) >= 30
 
