@@ -105,7 +105,7 @@ def test_grounding_negatives_and_determinism(omni):
 
 
 def test_grounding_box_filter_in_view_pixels(omni):
-    """SPEC 6's box filter (longer side >= 10 px, shorter side >= 3 px) holds in the letterboxed view
+    """method.md §7.3's box filter (longer side >= 10 px, shorter side >= 3 px) holds in the letterboxed view
     the model sees and in source pixels."""
     def sides(size, min_px, min_side_px):  # (n, [longer, shorter], [view, source]) over 3 epochs
         ds = GroundingDataset(omni, tokenizer_for(omni, size), size, neg_frac=0.0, seed=1,
