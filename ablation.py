@@ -1,4 +1,4 @@
-"""The paper's central claim in miniature (SPEC sections 8 and 10): does pose pre-training make
+"""The paper's central claim in miniature (method.md §9 and §11): does pose pre-training make
 few-demonstration post-training work?
 
 Four arms share the tiny architecture, the tiny VLM they start from (vlm.py: PaliGemma's role,

@@ -1,4 +1,4 @@
-"""Model benchmark (issue 3): sizes, sequence lengths, action-chunk latency with and without the
+"""Model benchmark: sizes, sequence lengths, action-chunk latency with and without the
 prefix KV cache, training throughput, and the full 3B configuration's parameter count.
 
     python bench.py                      # tiny 3-view config on this machine

@@ -1,6 +1,6 @@
 """Training samples for Pose-VLA: pseudo multi-view grounding, robot chunks, statistics, mixing.
 
-SPEC section 6 (training data), 3 (target text), 9/11 (formats, read in formats.py and robot_formats.py).
+method.md §7 (training data), §3 (target text), §10 (formats, read in formats.py and robot_formats.py).
   - GroundingDataset (pre-training stage 1): one item = one (image, class). The image becomes a
     near-full "head" crop and two "wrist" crops, each letterboxed with its own K; the target lists
     every instance of the class per view, or is a negative (10 %) for an absent class.
@@ -33,9 +33,9 @@ from tokenizer import ObjectPose, PoseBins, PoseTokenizer, Waypoint, quat_to_mat
 # ----------------------------------------------------------------------------- views
 @dataclass
 class ViewConfig:
-    head_scale: tuple = (0.9, 1.0)  # SPEC 6: near-full head crop (side length fraction)
-    wrist_scale: tuple = (0.25, 0.65)  # SPEC 6: smaller wrist crops
-    # SPEC 6's 2D box filter, read so that what the model can see is labelled: the box's longer side
+    head_scale: tuple = (0.9, 1.0)  # method.md §7.3: near-full head crop (side length fraction)
+    wrist_scale: tuple = (0.25, 0.65)  # method.md §7.3: smaller wrist crops
+    # method.md §7.3's 2D box filter, read so that what the model can see is labelled: the box's longer side
     # >= min_box_px and its shorter side >= min_side_px, both in the letterboxed view the model sees
     # (1440 px ARKit -> 224: 10 source px ~ 1.5 px) and in source pixels (no passing by upsampling).
     # A plain "both sides >= 10 px" drops a thin or half-cropped object the model still sees.
@@ -146,7 +146,7 @@ class _Resilient(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- grounding
 class GroundingDataset(_Resilient):
-    """Pseudo multi-view grounding samples (SPEC 6, pre-training stage 1). targets: "poses" (pose
+    """Pseudo multi-view grounding samples (method.md §7.3, pre-training stage 1). targets: "poses" (pose
     tuples) or "boxes" (names and 2D boxes only: the semantic baseline of ablation.py)."""
 
     def __init__(self, paths, pose_tokenizer, image_size, n_views=3, neg_frac=0.1, seed=0,
@@ -340,15 +340,15 @@ def source_stats(source, cache_dir=None):
 # ----------------------------------------------------------------------------- robot samples
 @dataclass
 class TrajectoryConfig:
-    every: int = 10  # SPEC 3: every 10th action ...
+    every: int = 10  # method.md §3.4: every 10th action ...
     count: int = 5  # ... of a ~50-step horizon: 5 waypoints per arm
     tcp_offset: tuple = (0.0, 0.0, 0.0)  # added in the end-effector frame; RoboTwin's endpose is
-    # 0.12 m behind the TCP (SPEC 11); we keep the recorded point by default (= the action space)
-    min_depth: float = 0.01  # [ours] m (SPEC 6's depth floor): nearer waypoints have no usable pixel
+    # 0.12 m behind the TCP (method.md §10.4); we keep the recorded point by default (= the action space)
+    min_depth: float = 0.01  # [ours] m (method.md §3.4): nearer waypoints have no usable pixel
 
 
 def view_waypoints(action, t, K, cam2world, image_hw, cam, traj=TrajectoryConfig()):
-    """SPEC 3 trajectory tuples of one view at frame t: [(name, uv (2,) source pixels, t (3,), R (3, 3))],
+    """method.md §3.4 trajectory tuples of one view at frame t: [(name, uv (2,) source pixels, t (3,), R (3, 3))],
     waypoint k = ee pose action[t + every*(k+1) - 1] (clamped) in this camera's frame at t. A wrist
     view lists only its own arm; the head an arm whose first waypoint projects into the image. [ours]
     Waypoints with z < min_depth (behind a wrist camera) are dropped, as dividing by z <= 0 mirrors
@@ -457,7 +457,7 @@ def open_datasets(paths, kind=None, **kwargs):
 
 # ----------------------------------------------------------------------------- mixing
 def mixture_weights(sizes, alpha=0.43):
-    """SPEC 6: sampling probability of each dataset proportional to n^0.43."""
+    """method.md §7.3: sampling probability of each dataset proportional to n^0.43."""
     w = np.asarray(sizes, np.float64) ** alpha
     return w / w.sum()
 
@@ -560,7 +560,7 @@ def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persis
 
 # ----------------------------------------------------------------------------- bins, drawing, CLI
 def fit_bins(paths, n_bins=2048, split="train", names=None, traj=TrajectoryConfig(), frame_step=1, skip_bad=False):
-    """PoseBins from the training annotations (SPEC 3): grounding objects (translations and sizes) and
+    """PoseBins from the training annotations (method.md §3.3): grounding objects (translations and sizes) and
     the robot trajectory waypoints as the targets list them (view_waypoints with each frame's own
     camera pose), at every `frame_step`-th frame of each episode (1: all frames). skip_bad: as the
     training datasets read them (unreadable images and episodes left out)."""

@@ -1,4 +1,4 @@
-"""How users find out whether a checkpoint is any good (SPEC section 7).
+"""How users find out whether a checkpoint is any good (method.md §8).
 
 Three evaluations, one CLI:
   - closed loop in the built-in tabletop world (sim.py): fixed recorded seeds, the task's step limit,

@@ -1,4 +1,4 @@
-"""Scripted experts for the built-in tabletop world (SPEC section 10): demonstrations and a check
+"""Scripted experts for the built-in tabletop world (method.md §11): demonstrations and a check
 that every task is solvable.
 
 An expert is a fixed plan per task, a list of phases (target_fn, n_steps). Each phase computes its

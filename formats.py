@@ -1,4 +1,4 @@
-"""Readers for the grounding dataset formats of pre-training stage 1 (SPEC sections 6 and 9).
+"""Readers for the grounding dataset formats of pre-training stage 1 (method.md §7.3 and §10.1-10.2).
 
 Each becomes a list of `SceneImage` records (image and depth paths, K, 3D objects in metres):
   - Omni3D JSON (Objectron, ARKitScenes, SUN RGB-D and the built-in tabletop scenes),
@@ -23,8 +23,8 @@ from PIL import Image
 
 from errors import BAD_INPUT, read_json
 
-DEPTH_RANGE = (0.01, 10.0)  # metres; SPEC 6 filter, applied to object centres
-BOP_MIN_VISIB = 0.3  # SPEC 6: BOP objects need visib_fract >= 0.3
+DEPTH_RANGE = (0.01, 10.0)  # metres; method.md §7.3 filter, applied to object centres
+BOP_MIN_VISIB = 0.3  # method.md §7.3: BOP objects need visib_fract >= 0.3
 GROUNDING_FORMATS, ROBOT_FORMATS = ("omni3d", "bop"), ("lerobot", "robotwin")  # detect_format's names
 SUPPORTED_FORMATS = ("omni3d (a COCO-like .json with images/annotations, or a folder of them)",
                      "bop (a dataset root, split folder or scene folder with scene_camera.json)",

@@ -1,5 +1,5 @@
 """Geometry priors (camera rays, metric depth) and their additive fusion onto SigLIP features
-(SPEC section 4; paper Sec. III-C).
+(method.md §4; paper Sec. III-C).
 
 Reading order:
   1. letterbox(): image (+ depth) -> the model's square size, aspect kept, zero padding, K updated;
@@ -170,7 +170,7 @@ class GeometryFusion(nn.Module):
     def forward(self, feats, rays=None, depth=None, has_rays=None, has_depth=None, views=1):
         """rays (N, 3, S, S), depth (N, 2, S, S), has_* (N,) bool; None = absent for every sample.
         views: N = samples * views, consecutive rows being one sample's views; dropout decides per
-        sample (SPEC 4), so all views of a sample keep or lose a prior together."""
+        sample (method.md §4.4), so all views of a sample keep or lose a prior together."""
         # Detached: the RMS measures the RGB features, and the gate alone decides how loud a prior
         # is; with gradient through it the vision tower would also be pushed to rescale its
         # features just to make a prior louder or quieter. Taken before either prior is added, so

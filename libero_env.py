@@ -1,4 +1,4 @@
-"""LIBERO closed-loop evaluation (SPEC sections 7 and 11) for eval_sim.py `--sim libero`.
+"""LIBERO closed-loop evaluation (method.md §8.5) for eval_sim.py `--sim libero`.
 
 The standard protocol: 4 suites x 10 tasks x 50 fixed initial states, seed 7, 10 settle steps with
 a no-op action (arm still, gripper open) before the policy acts, a step limit per suite

@@ -1,4 +1,4 @@
-"""3D grounding metrics (SPEC section 7): exact oriented-box IoU, greedy matching, AP over 3D-IoU
+"""3D grounding metrics (method.md §8.1): exact oriented-box IoU, greedy matching, AP over 3D-IoU
 thresholds, and pose errors.
 
 Reading order:
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IOU_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.501, 0.05), 2))  # SPEC 7: 0.05 .. 0.50
+IOU_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.501, 0.05), 2))  # method.md §8.1: 0.05 .. 0.50
 EPS = 1e-9
 
 

@@ -1,6 +1,6 @@
 """Pose-VLA model: PaliGemma + a pi0-style flow-matching action expert with joint attention.
 
-SPEC section 5 (paper Sec. III). Reading order:
+method.md §5 (paper Sec. III). Reading order:
   1. PoseVLAConfig and its two presets (`tiny` for CPU/tests, `paligemma-3b` for the paper).
   2. attention_mask(): who sees whom in [prefix | labels | state | actions].
   3. joint_layer(): one transformer layer over two streams (VLM tokens, expert tokens) that compute
@@ -118,7 +118,7 @@ def _override(cfg, overrides):
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention mask (SPEC section 5)
+# Attention mask (method.md §5.3-5.4)
 
 PREFIX, LABEL, STATE, ACTION = 0, 1, 2, 3
 
@@ -299,7 +299,7 @@ class PoseVLA(nn.Module):
 
     # --- training ------------------------------------------------------------------------------
     def joint_forward(self, batch, suffix=None):
-        """One pass over [prefix | labels (if any) | suffix (if given)] with the SPEC mask.
+        """One pass over [prefix | labels (if any) | suffix (if given)] with the mask of method.md §5.4.
         suffix: (B, 1+H, We) expert tokens or None. Returns (vlm hiddens over prefix+labels,
         expert hiddens or None, prefix validity)."""
         prefix, p_valid = self.embed_prefix(batch)                              # (B, Tp, W)
@@ -325,7 +325,7 @@ class PoseVLA(nn.Module):
 
     def forward(self, batch, action_weight=1.0, noise=None, time=None):
         """Losses for a batch. NTP on `label_ids` when present; flow matching when `actions` present.
-        loss = ntp + action_weight * flow (stage 2 uses 10, SPEC section 6).
+        loss = ntp + action_weight * flow (stage 2 uses 10, method.md §6.3).
         Returns dict(loss, ntp_loss?, flow_loss?). noise/time may be given for reproducible tests."""
         suffix = None
         if "actions" in batch:

@@ -1,5 +1,5 @@
 """The one policy wrapper every evaluator uses: a checkpoint directory in, robot actions out
-(SPEC section 7).
+(method.md §8).
 
 Reading order:
   1. load the checkpoint (model.load_checkpoint) and the two JSON files written next to it by

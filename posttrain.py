@@ -1,4 +1,4 @@
-"""Post-training (SPEC section 6; paper Sec. III-D): fit the flow-matching action expert to one robot.
+"""Post-training (method.md §7.5; paper Sec. III-D): fit the flow-matching action expert to one robot.
 
 Flow matching only, on the target robot's demonstrations. State and actions are z-scored with
 statistics of the training data (data.Stats), saved as stats.json in every checkpoint next to
@@ -44,10 +44,10 @@ class Recipe:
 RECIPES = {
     # The built-in world at 10 Hz: 16 steps = 1.6 s; sized for a CPU run.
     "tabletop": Recipe("tabletop", ("head", "left_wrist", "right_wrist"), 16, 16, 16, 1, 8, 1500),
-    # SPEC 6: 16-dim ee actions [l_xyz, l_quat, l_grip, r_xyz, r_quat, r_grip], chunk 16, every 3rd
+    # method.md §7.5: 16-dim ee actions [l_xyz, l_quat, l_grip, r_xyz, r_quat, r_grip], chunk 16, every 3rd
     # frame, 3 cameras, batch 32, 80k steps.
     "robotwin": Recipe("robotwin", ("head", "left_wrist", "right_wrist"), 16, 16, 16, 3, 32, 80_000),
-    # LIBERO (SPEC 11): 8-dim state (eef pos, axis-angle, 2 fingers), 7-dim delta actions; the
+    # LIBERO (method.md §8.5): 8-dim state (eef pos, axis-angle, 2 fingers), 7-dim delta actions; the
     # agentview and wrist cameras ('image', 'wrist_image' in the LeRobot conversions).
     "libero": Recipe("libero", ("head", "right_wrist"), 8, 7, 16, 1, 32, 30_000),
     # Any LeRobot dataset: its own cameras and widths.

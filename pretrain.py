@@ -1,4 +1,4 @@
-"""Pose pre-training (SPEC section 6; paper Sec. III-C): the VLM learns to write 3D pose tuples.
+"""Pose pre-training (method.md §7; paper Sec. III-C): the VLM learns to write 3D pose tuples.
 
 Stage 0, `--stage vlm` (tiny configuration only, vlm.py): the small pre-trained VLM that plays
 PaliGemma's role on a laptop: the vision tower learns a dense objective of its own, then the
@@ -254,7 +254,7 @@ def main(argv=None):
     model, tok, bins = start_model(args, lambda: fit_bins(train_paths, n_bins=args.n_bins, skip_bad=args.skip_bad))
     default_rates(args, model.cfg)
     cfg = train_config(args)
-    cfg.action_weight = 10.0 if args.stage == "motion" else 1.0  # SPEC 6: action loss x10 in stage 2
+    cfg.action_weight = 10.0 if args.stage == "motion" else 1.0  # method.md §7.4: action loss x10 in stage 2
     pose_tok = PoseTokenizer(bins, model.cfg.image_size)
     train_ds, eval_ds = datasets(args, train_paths, eval_paths, pose_tok, model.cfg)
     if args.stage == "vlm" and not args.resume:

@@ -1,13 +1,13 @@
-"""Readers for the robot-episode formats Pose-VLA trains on in stage 2 and post-training (SPEC 9, 11).
+"""Readers for the robot-episode formats Pose-VLA trains on in stage 2 and post-training (method.md §10.3-10.4).
 
 Each reader is a `RobotSource`: per-episode state/action arrays and instructions read up front,
 camera frames (`frame`: a `CameraFrame` of RGB, optional depth in metres, K, camera->world) read
 lazily; `camera` reads only K and camera->world (no image decoding, for fitting bins).
   - LeRobot v2.0 / v2.1 (one parquet + mp4 per episode) and v3.0 (episodes share files); images
     as mp4 decoded with PyAV by timestamp, or PNG bytes in the parquet; optional per-camera depth,
-    intrinsics and extrinsics columns (the built-in world writes them, SPEC 9).
-  - RoboTwin HDF5 in its three layouts (SPEC 9); its endpose point sits 0.12 m behind the TCP
-    (SPEC 11). Its JPEG frames were encoded by OpenCV from RGB arrays that OpenCV took for BGR, so
+    intrinsics and extrinsics columns (the built-in world writes them, method.md §10.3).
+  - RoboTwin HDF5 in its three layouts (method.md §10.4); its endpose point sits 0.12 m behind the TCP
+    (method.md §10.4). Its JPEG frames were encoded by OpenCV from RGB arrays that OpenCV took for BGR, so
     a standard decoder returns red and blue swapped; `decode_image(..., bgr=True)` swaps them back.
 Actions of an `ee16` source are world-frame end-effector poses in the 16-dim layout of `ARMS`.
 File handles (h5py, PyAV, parquet row groups) are opened lazily per process and never pickled, so
@@ -342,11 +342,11 @@ def _matrix(f, key, t, shape, path):
 
 
 class RoboTwinSource(RobotSource):
-    """RoboTwin HDF5 episodes. Layouts (SPEC 9): 'release' (2.0: /observation, /endpose group),
+    """RoboTwin HDF5 episodes. Layouts (method.md §10.4): 'release' (2.0: /observation, /endpose group),
     'early' (/endpose is one (T,14) euler dataset) and 'current' (state/, action/, vision/).
     State = 16-dim [l_xyz, l_quat, l_grip, r_xyz, r_quat, r_grip] in the world frame; in the older
     layouts action[t] = state[t+1] (the last frame repeats). The endpose point is 0.12 m behind the
-    TCP (SPEC 11); it is kept as is so actions stay in RoboTwin's own action space.
+    TCP (method.md §10.4); it is kept as is so actions stay in RoboTwin's own action space.
     When the release layout has an empty /endpose group, the 14-dim joint vector is used instead."""
     CAMS = {"release": ("head_camera", "left_camera", "right_camera", "front_camera"),
             "current": ("cam_head", "cam_left_wrist", "cam_right_wrist")}

@@ -1,4 +1,4 @@
-"""The built-in tabletop world (SPEC section 10): a MuJoCo two-arm simulator.
+"""The built-in tabletop world (method.md §11): a MuJoCo two-arm simulator.
 
 It plays three roles: a source of 3D grounding scenes (exact object poses, sizes, RGB-D, cameras),
 a source of scripted-expert demonstrations, and a closed-loop benchmark of language-conditioned
@@ -9,7 +9,7 @@ the world frame, which is the table frame: origin at the centre of the table top
 as seen by the head camera, y away from it, z up. Grippers are in [0, 1] with 1 = open; fingers
 are position-actuated slide joints, so objects are held by contact and friction only.
 
-Cameras follow SPEC section 2: K uses OpenCV pixel coordinates (pixel centres at integers, so
+Cameras follow method.md §2: K uses OpenCV pixel coordinates (pixel centres at integers, so
 c = ((W-1)/2, (H-1)/2)) and `cam2world` is a 4x4 camera->world pose in OpenCV axes (x right,
 y down, z forward); MuJoCo's own cameras look down -z with y up and are converted here.
 The scripted experts (which read privileged simulator state) live in `expert.py`; the writers

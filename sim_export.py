@@ -1,12 +1,12 @@
-"""Writers for the built-in tabletop world (SPEC sections 9-11): grounding scenes and demonstrations.
+"""Writers for the built-in tabletop world (method.md §10-11): grounding scenes and demonstrations.
 
 - `write_grounding`: random layouts seen from random camera poses around the table, written in the
-  Omni3D JSON format (SPEC section 9) with RGB PNGs and 16-bit depth PNGs in millimetres beside
+  Omni3D JSON format (method.md §10.1) with RGB PNGs and 16-bit depth PNGs in millimetres beside
   them; each `images[]` entry also carries `depth_path` and `cam2world` (4x4, OpenCV axes).
   Annotation boxes follow the Cube R-CNN convention: `dimensions` = [W, H, L] with L along the
   object's x axis, H along y (pointing down for an upright object, like the camera's y) and W
   along z; `bbox3D_cam` = R_cam @ corner + center_cam.
-- `write_demos`: scripted-expert (expert.py) successes as a LeRobot v3.0 dataset (SPEC section 11) with PNG images in
+- `write_demos`: scripted-expert (expert.py) successes as a LeRobot v3.0 dataset (method.md §10.3) with PNG images in
   the parquet and, per camera, `observation.depth.{cam}` (16-bit PNG, mm),
   `observation.intrinsics.{cam}` (9, row-major K) and `observation.extrinsics.{cam}` (16,
   row-major camera->world, OpenCV axes).
@@ -336,7 +336,7 @@ def bench(episodes=3, image_size=128):
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The built-in MuJoCo tabletop world (SPEC section 10).")
+    p = argparse.ArgumentParser(description="The built-in MuJoCo tabletop world (method.md §11).")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("grounding", help="write Omni3D-format grounding scenes")
     g.add_argument("--out", required=True, help="output folder (annotations.json, images/, depth/)")

@@ -1,4 +1,4 @@
-"""Pose tuples <-> target text, and the pose tokens of the text tokenizer (SPEC section 3).
+"""Pose tuples <-> target text, and the pose tokens of the text tokenizer (method.md §3).
 
 Reading order:
   1. rotation helpers (Euler R = Rz(yaw) Ry(pitch) Rx(roll), quaternions [qw, qx, qy, qz]);

@@ -1,4 +1,4 @@
-"""The training loop shared by pretrain.py and posttrain.py (SPEC section 6).
+"""The training loop shared by pretrain.py and posttrain.py (method.md §7.1).
 
 Reading order:
   1. TrainConfig and its command-line flags; `parse_args` (with `--resume`, the saved flags);
@@ -53,11 +53,11 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 8          # per process; the global batch is batch_size x processes
     lr: float = 1e-3             # peak (see PEAK_LR)
-    min_lr_ratio: float = 0.1    # cosine ends at lr/10 (SPEC 6: 2.5e-5 -> 2.5e-6)
+    min_lr_ratio: float = 0.1    # cosine ends at lr/10 (method.md §7.1: 2.5e-5 -> 2.5e-6)
     warmup: int = 50             # linear warm-up steps
-    weight_decay: float = 1e-10  # SPEC 6 (practically none: the VLM's weights are the prior)
-    grad_clip: float = 1.0       # SPEC 6
-    action_weight: float = 1.0   # stage 2 weighs the flow loss x10 (SPEC 6)
+    weight_decay: float = 1e-10  # method.md §7.1 (practically none: the VLM's weights are the prior)
+    grad_clip: float = 1.0       # method.md §7.1
+    action_weight: float = 1.0   # stage 2 weighs the flow loss x10 (method.md §7.4)
     eval_every: int = 200        # steps between held-out evaluations (0 = never)
     eval_batches: int = 4        # batches per evaluation, per process
     save_every: int = 500        # steps between checkpoints (the last step is always saved)
@@ -73,7 +73,7 @@ class TrainConfig:
     fsdp: bool = False
 
 
-# Peak learning rate per model size: the tiny model learns from scratch; SPEC 6 for the full model.
+# Peak learning rate per model size: the tiny model learns from scratch; method.md §7.1 for the full model.
 PEAK_LR = {"tiny": 1e-3, "paligemma-3b": 2.5e-5}
 # The vision tower's share of it: the tiny VLM's tower is slowed x10 after its own phase, as
 # PaliGemma protects its encoder (at 1e-3 the tiny tower collapses); the full model trains all alike.
@@ -426,7 +426,7 @@ def to_device(batch, device):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA (SPEC 6); full fp32 on CPU."""
+    """bf16 autocast on CUDA (method.md §7.1); full fp32 on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -710,7 +710,7 @@ def _non_finite_message(step, out, norm, run_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# Built-in tabletop data (SPEC section 10), generated once into a cache folder
+# Built-in tabletop data (method.md §11), generated once into a cache folder
 
 BUILTIN = {  # split -> (grounding scenes, demos per task and setting, seed); sized for a CPU run
     # 4000 scenes (8000 views, ~3 CPU-minutes to render, 210 MB): with 300 the decoder memorises

@@ -1,4 +1,4 @@
-"""Pose-VLA in RoboTwin 2.0's evaluator (SPEC section 7): `get_model`, `eval`, `reset_model`.
+"""Pose-VLA in RoboTwin 2.0's evaluator (method.md §8.6): `get_model`, `eval`, `reset_model`.
 
 RoboTwin calls `reset_model(model)` at the start of an episode, then repeatedly
 `eval(TASK_ENV, model, TASK_ENV.get_obs())` until `TASK_ENV.eval_success` or

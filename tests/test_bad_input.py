@@ -477,13 +477,13 @@ def test_show_opens_a_lerobot_dataset_without_poses_and_renames_views(tmp_path, 
 
 
 def test_readme_examples_use_folders_earlier_examples_create():
-    """Every relative --data/--ckpt path of a README command was written by an earlier command (its
-    --out, or the default run folder of pretrain.py / posttrain.py)."""
-    made = []
-    for line in re.findall(r"^(?:python|torchrun)[^\n]*", open(os.path.join(REPO, "README.md")).read(), re.M):
+    """Every relative --data/--ckpt path of a command in README.md, then docs/usage.md, was written by
+    an earlier command (its --out, or the default run folder of pretrain.py / posttrain.py)."""
+    made, text = [], "".join(open(os.path.join(REPO, f)).read() for f in ("README.md", "docs/usage.md"))
+    for line in re.findall(r"^(?:python|torchrun)[^\n]*", text, re.M):
         for flag, value in re.findall(r"--(data|ckpt|init|resume|eval-data) (\S+)", line):
             for path in value.split(","):
-                if not path.startswith("/") and path not in ("CKPT", "..."):
+                if not path.startswith("/") and path not in ("CKPT", "DIR", "..."):
                     assert any(path.startswith(m) for m in made), f"README: {line!r} reads {path}, made by no earlier command"
         made += re.findall(r"--out (\S+)", line)
         stage = re.search(r"--stage (\w+)", line)

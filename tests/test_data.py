@@ -1,5 +1,11 @@
 """Samples (data.py): pseudo multi-view grounding, robot chunks and waypoints, stats, mixing,
-collation, DataLoader workers, skipping bad samples and the CLI. Fixtures from test_formats.py."""
+collation, DataLoader workers, skipping bad samples and the CLI. Fixtures from test_formats.py.
+
+Catches: a crop whose K no longer reprojects the 3D box onto its 2D box, a box filter applied in
+the wrong pixels, negatives that name a present class, waypoints in the world frame instead of the
+camera's (or listed for the wrong arm), chunks that stride or pad wrongly, statistics without the
+std floor, a mixture that is not n^0.43 or does not resume mid-epoch, and labels or padding that the
+collator puts on the wrong side."""
 import json
 import os
 import pickle
@@ -105,7 +111,7 @@ def test_grounding_negatives_and_determinism(omni):
 
 
 def test_grounding_box_filter_in_view_pixels(omni):
-    """SPEC 6's box filter (longer side >= 10 px, shorter side >= 3 px) holds in the letterboxed view
+    """method.md §7.3's box filter (longer side >= 10 px, shorter side >= 3 px) holds in the letterboxed view
     the model sees and in source pixels."""
     def sides(size, min_px, min_side_px):  # (n, [longer, shorter], [view, source]) over 3 epochs
         ds = GroundingDataset(omni, tokenizer_for(omni, size), size, neg_frac=0.0, seed=1,

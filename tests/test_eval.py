@@ -1,5 +1,10 @@
 """Tests for policy.py, eval_sim.py, libero_env.py and robotwin_policy/: the tiny model with
-untrained weights drives the real simulators (protocol tests, not success rates)."""
+untrained weights drives the real simulators (protocol tests, not success rates).
+
+Catches: preprocessing that differs from training (K, rays, prompt), actions left normalised or
+quaternions interpolated the long way round, re-planning at the wrong step, results that mix up
+seeds or lose finished episodes, a 180-degree LIBERO rotation applied to the image but not to K,
+quaternion order (xyzw vs wxyz), RoboTwin depth left in millimetres, AP that ignores tuple scores."""
 import json
 import os
 import sys
@@ -124,7 +129,8 @@ def test_action_queue_replans_every_exec_steps(make_ckpt):
     np.testing.assert_array_equal(actions[6], p.last_plan[0])
     assert len(p.queue) == 2
     lat = p.latency()
-    assert lat["chunks"] == 3 and lat["ms_per_chunk"] > 0 and lat["control_hz"] > 0
+    assert lat["chunks"] == 3 and lat["ms_per_chunk"] == pytest.approx(1000 * np.mean(p.chunk_seconds))
+    assert lat["control_hz"] == pytest.approx(3 / np.mean(p.chunk_seconds))  # exec_steps per chunk, not the chunk
     same = Policy(ck, exec_steps=3, seed=5)
     np.testing.assert_allclose(same.act(views, np.zeros(16), "x"), actions[0])  # seeded noise: reproducible
     p.reset()
@@ -197,13 +203,16 @@ def test_tabletop_eval_records_the_protocol_and_gifs(make_ckpt, tmp_path):
     assert len(p["checkpoint"]["config_hash"]) == 16 and p["code"]
     assert [e["seed"] for e in r["episodes"]] == p["seeds"] and all(e["steps"] <= 4 for e in r["episodes"])
     assert r["per_task"]["pick"]["episodes"] == 2 and r["latency"]["chunks"] >= 4
-    for e in r["episodes"]:  # graded measures: the gripper starts away from the target, can only get closer
-        assert 5 < e["start_cm"] < 100 and 0 < e["min_reach_cm"] <= e["start_cm"] and e["touched"] in (True, False)
+    env = sim.TabletopEnv("pick", "clean", render=False)
+    for e in r["episodes"]:  # the graded measures start from the episode's own scene at reset
+        env.reset(e["seed"])
+        assert e["start_cm"] == pytest.approx(env.reach_cm())
     assert r["per_task"]["pick"]["min_reach_cm"] == np.mean([e["min_reach_cm"] for e in r["episodes"]])
+    assert r["per_task"]["pick"]["touched_rate"] == np.mean([e["touched"] for e in r["episodes"]])
     sens = r["image_sensitivity"]  # both episodes' first observations, each with the other's views
     assert sens["observations"] == 2 and sens["image_swap_cm"] > 0
     gif = Image.open(os.path.join(out, f"pick_clean_{eval_sim.EVAL_SEED0}.gif"))
-    assert gif.n_frames >= 2 and gif.size == (192, 192)
+    assert gif.n_frames == r["episodes"][0]["steps"] + 1  # one frame per step, and the final scene
     assert not os.path.exists(os.path.join(out, f"pick_clean_{eval_sim.EVAL_SEED0 + 1}.gif"))
 
 
@@ -323,7 +332,8 @@ def test_grounding_cli_writes_metrics_and_overlays(make_ckpt, tmp_path):
     r = read_results(out)
     g = r["grounding"]
     assert r["complete"] and 1 <= r["protocol"]["samples"] <= 2 and g["n_images"] == 3 * r["protocol"]["samples"]
-    assert g["n_gt"] > 0 and "AP@0.25" in g and "10deg5cm" in g and 0 <= g["recall_2d"] <= 1
+    # 8 new tokens cannot hold a whole tuple: nothing is found, and every true object counts as missed
+    assert g["n_gt"] > 0 and g["n_matched"] == 0 and g["AP@0.25"] == 0.0 and g["recall_2d"] == 0.0
     assert os.path.isfile(os.path.join(out, "grounding_0000.png"))
     with pytest.raises(ValueError, match="--data"):
         eval_sim.main(["--grounding", "--ckpt", make_ckpt("gr"), "--out", out])
@@ -389,7 +399,6 @@ def test_libero_state_action_and_quaternion_order():
     np.testing.assert_allclose(libero_env.quat_to_axis_angle(-q_wxyz), [0, 0.8, 0])  # q and -q: same rotation
     np.testing.assert_array_equal(libero_env.libero_action([0.1, 0, 0, 0, 0, 0, 0.3])[6], 1.0)
     np.testing.assert_array_equal(libero_env.libero_action([0.1, 0, 0, 0, 0, 0, -0.2])[6], -1.0)
-    assert libero_env.SUITES == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
 
 
 def test_libero_runs_real_steps_or_says_it_is_not_installed(make_ckpt, tmp_path):

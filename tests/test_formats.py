@@ -1,6 +1,12 @@
 """Format readers (formats.py, robot_formats.py): fixtures written in each exact on-disk format,
 values read back.
 
+Catches: Omni3D's [W, H, L] dimensions read in the wrong order, BOP millimetres left unconverted or
+its [x, y, w, h] boxes read as corners, the model-box centre offset dropped, a LeRobot v3.0 episode
+that starts mid-file read from the file's start, RoboTwin's OpenGL camera axes or world->camera
+extrinsics used as they are, OpenCV's BGR JPEGs decoded with red and blue swapped, and errors
+that do not name the file and key.
+
 The fixture writers here are also used by test_data.py.
 """
 import io
@@ -104,7 +110,7 @@ def test_omni3d_reads_metres_sizes_and_filters(tmp_path):
         # size along object axes reproduces the stored corners (Cube R-CNN [W, H, L] convention)
         got = corners(obj.t, obj.R, obj.size)
         np.testing.assert_allclose(np.sort(got, 0), np.sort(np.array(a["bbox3D_cam"]), 0), atol=1e-9)
-    assert scenes[0].objects[1].box2d is not None  # proj used when tight is -1
+    np.testing.assert_allclose(scenes[0].objects[1].box2d, ann[1]["bbox2D_proj"])  # tight is -1: proj instead
     np.testing.assert_allclose(scenes[0].K, K0)
     assert scenes[0].depth_path.endswith("000000_depth.png") and scenes[0].depth_scale == 0.001
 

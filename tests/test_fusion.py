@@ -1,4 +1,9 @@
-"""Tests for fusion.py: letterboxing and K, ray map, depth prior, and the additive prior fusion."""
+"""Tests for fusion.py: letterboxing and K, ray map, depth prior, and the additive prior fusion.
+
+Catches: a letterbox K off by the half-pixel offset, blended depth at edges, rays that are not zero
+in the padding, a missing prior that still adds something (or leaks NaN into gradients), dropout
+at evaluation or per view instead of per sample, a prior that can outweigh the image features, a
+gate that never learns, and patch order different from SigLIP's."""
 import os
 import sys
 

@@ -1,4 +1,8 @@
-"""Tests for metrics.py: exact oriented-box IoU against hand-computed cases, matching, AP, errors."""
+"""Tests for metrics.py: exact oriented-box IoU against hand-computed cases, matching, AP, errors.
+
+Catches: an axis-aligned approximation of the IoU (the 45-degree and random boxes), a missed
+intersection vertex, matching across classes or two predictions on one truth, AP that ignores the
+score order, unmatched truths left out of the accuracies, and errors in the wrong units."""
 import os
 import sys
 

@@ -1,5 +1,10 @@
 """model.py on the tiny configuration: mask, joint attention, PaliGemma equivalence, caches, I/O,
-image sensitivity."""
+image sensitivity.
+
+Catches: actions that can see the labels (or a prefix that sees the suffix), text logits that
+differ from transformers' PaliGemma, a prefix cache or KV-cached decoding that changes the result,
+new token rows not mean-initialised or an untied LM head, a flipped velocity target or flow time,
+a checkpoint that does not reload bit-exactly, and an image probe that cannot tell a blind model."""
 import numpy as np
 import pytest
 import torch

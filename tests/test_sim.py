@@ -1,5 +1,11 @@
 """Tests for the built-in tabletop world (sim.py), its scripted experts (expert.py) and its writers
-(sim_export.py)."""
+(sim_export.py).
+
+Catches: an unsolvable task or a success check that fires without the expert, a graded reach
+measured to the wrong object, a camera K or pose that does not reproject onto the rendered pixels
+(MuJoCo's -z camera axes left unconverted), a target too small to see or hidden by the arms, the
+gripper convention flipped, Omni3D boxes whose dimensions do not rebuild their corners, and writers
+that are not deterministic per seed."""
 import functools
 import io
 import json
@@ -26,8 +32,13 @@ from formats import decode_depth_png, decode_image  # noqa: E402
 def test_expert_succeeds_on_fixed_seeds(task, setting):
     env = sim.TabletopEnv(task, setting, render=False)
     for seed in (0, 1, 2):
-        assert expert.rollout(env, seed), f"{task}/{setting} expert failed on seed {seed}: {env.instruction}"
+        reach, touched = [], []
+        on_step = lambda obs, action: (reach.append(env.reach_cm()), touched.append(env.touching_target()))
+        assert expert.rollout(env, seed, on_step), f"{task}/{setting} expert failed on seed {seed}: {env.instruction}"
         assert env.t <= expert.max_steps(task)
+        # the graded measures eval_sim records: the expert closes most of the distance to the
+        # target's centre (it starts 29-50 cm away, ends 0.2-7.3 cm) and touches it
+        assert reach[0] > 20 and min(reach) < 0.3 * reach[0] and any(touched), (reach[0], min(reach))
         # the instruction names the target, and the scene holds a same-category distractor
         target = env.objects[0]
         assert target.name in env.instruction
@@ -79,13 +90,16 @@ def test_grippers_hide_no_target_at_reset(task, setting):
 
 def test_nothing_happens_without_the_expert():
     env = sim.TabletopEnv("pick", "clean", render=False)
+    start = env.reach_cm()
     for _ in range(5):
         env.step(env.state())  # hold the current pose
-    assert not env.success()
+    assert not env.success() and not env.touching_target()
+    assert env.reach_cm() == pytest.approx(start, abs=0.01)
 
 
 def test_observation_layout():
     env = sim.TabletopEnv("place", "randomized", seed=3, image_size=48)
+    np.testing.assert_allclose(env.observe()["state"][[7, 15]], 1.0, atol=1e-3)  # grippers start open (1 = open)
     obs = env.step(expert.expert_action(env))
     assert set(obs["cameras"]) == set(sim.CAMERAS)
     assert obs["state"].shape == (16,) and obs["state"].dtype == np.float32

@@ -1,4 +1,9 @@
-"""Tests for tokenizer.py: pose text format, round trips, robustness, and the HF tokenizer side."""
+"""Tests for tokenizer.py: pose text format, round trips, robustness, and the HF tokenizer side.
+
+Catches: a changed Euler order or quaternion layout, bins that decode to an edge instead of the
+midpoint, swapped tx/ty or x/y anchors, objects listed far to near, a decoder that raises on
+malformed text or miscounts what it rejects, pose tokens that the HF tokenizer splits into pieces,
+and names that split differently in the target than in the prompt."""
 import json
 import math
 import os
@@ -269,10 +274,12 @@ def test_malformed_text_fuzz_never_raises(bins):
                 j = int(rng.integers(0, len(chars)))
                 chars[i], chars[j] = chars[j], chars[i]
         for text in (garbage, "".join(chars)):
-            dec = tok.decode(text)
-            assert len(dec.views) == len(dec.negative) and dec.n_rejected >= 0
-            for d in (d for v in dec.views for d in v):
-                assert d.t.shape == (3,) and d.quat.shape == (4,) and np.all(np.isfinite(d.t))
+            dec = tok.decode(text)  # the rejection counts are pinned by the fixed cases above
+            assert len(dec.views) == len(dec.negative)
+            for d in (d for v in dec.views for d in v):  # whatever parses decodes to bin values
+                assert d.t.shape == (3,) and d.quat.shape == (4,)
+                assert bins.xy[0] <= d.t[:2].min() and d.t[:2].max() <= bins.xy[-1]
+                assert bins.z[0] <= d.t[2] <= bins.z[-1] and np.linalg.norm(d.quat) == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------------

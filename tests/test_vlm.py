@@ -1,4 +1,8 @@
-"""vlm.py: the tiny VLM's dense vision targets and objective, and the learnability gate."""
+"""vlm.py: the tiny VLM's dense vision targets and objective, and the learnability gate.
+
+Catches: patch targets in the wrong (column-major) order or with the farther object winning an
+overlap, a dense loss that rewards the wrong words, a recipe that no longer learns to localise
+from the image, and the tiny VLM used as the start of a run that asked for something else."""
 import json
 import os
 
