@@ -503,8 +503,12 @@ class MixtureSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------- collation, loading
 class Collator:
     """List of items -> batch dict for model.py. Prompt = <bos> + prompt + "\\n" (PaliGemma's
-    prefix format); label = target + <eos>; empty targets get an all-False label_mask. "skipped":
-    the samples --skip-bad left out to fill this batch (an int)."""
+    prefix format); label = target + <eos>. Whether a batch has labels is decided here, once: a
+    batch where no item has a target (flow-only stage 2, inference) gets no label keys at all, so
+    the model runs no NTP; in a mixed batch the empty targets get an all-False label_mask. `state`
+    comes with every item that has one (inference has a state but no actions); `actions`/`is_pad`
+    with items that have actions. "skipped": the samples --skip-bad left out to fill this batch
+    (an int)."""
 
     def __init__(self, text_tokenizer, max_dim=32):
         self.tok, self.max_dim = text_tokenizer, max_dim
@@ -535,11 +539,13 @@ class Collator:
             batch[key] = torch.from_numpy(np.stack([np.concatenate([a, p]) for a, p in zip(arrs, pad)]))
         batch["prompt_ids"], batch["prompt_mask"] = self._pad([self.bos + self._ids(it["prompt"] + "\n")
                                                                for it in items])
-        labels = [self._ids(it["target"]) + [self.eos] if it["target"] else [] for it in items]
-        batch["label_ids"], batch["label_mask"] = self._pad(labels)
+        if any(it["target"] for it in items):
+            labels = [self._ids(it["target"]) + [self.eos] if it["target"] else [] for it in items]
+            batch["label_ids"], batch["label_mask"] = self._pad(labels)
         batch["skipped"] = sum(it.get("skipped", 0) for it in items)
-        if all("actions" in it for it in items):
+        if all("state" in it for it in items):
             batch["state"] = torch.from_numpy(np.stack([self._dim(it["state"], "state") for it in items]))
+        if all("actions" in it for it in items):
             batch["actions"] = torch.from_numpy(np.stack([self._dim(it["actions"], "actions") for it in items]))
             batch["is_pad"] = torch.from_numpy(np.stack([it["is_pad"] for it in items]))
         return batch

@@ -405,14 +405,14 @@ class PoseVLA(nn.Module):
                                                         device=batch["state"].device)
         if use_cache:
             kvs, p_valid, _ = self.encode_prefix(batch)
-        text_only = {k: v for k, v in batch.items() if k not in ("label_ids", "label_mask")}
         dt = -1.0 / self.cfg.flow_steps
         for i in range(self.cfg.flow_steps):
             t = torch.full((B,), 1.0 + i * dt, device=x.device)
             if use_cache:
                 v = self.denoise_step(kvs, p_valid, batch["state"], x, t)
             else:
-                v = self.velocity(self.joint_forward(text_only, self.embed_suffix(batch["state"], x, t))[1])
+                # Labels, if the batch has any, change nothing here: the suffix never sees them.
+                v = self.velocity(self.joint_forward(batch, self.embed_suffix(batch["state"], x, t))[1])
             x = x + dt * v
         return x
 

@@ -141,14 +141,10 @@ class Policy:
             lbs.append(View(lb, (0, 0, rgb.shape[1], rgb.shape[0]), [], K is not None and self.use_rays))
             boxes.append((lb.scale, np.asarray(lb.offset)))
         item = {**tensors(lbs, self.size), "prompt": prompt, "target": "",
-                "state": self.stats.normalize(state, "state", f"{self.ckpt}/stats.json"),
-                "actions": np.zeros((self.recipe["chunk"], self.recipe["action_dim"]), np.float32),
-                "is_pad": np.zeros(self.recipe["chunk"], bool)}
-        batch = self.collate([item])
-        for key in ("actions", "is_pad", "label_ids", "label_mask", "skipped"):
-            batch.pop(key)
+                "state": self.stats.normalize(state, "state", f"{self.ckpt}/stats.json")}
+        batch = self.collate([item])                                            # no target: no label keys
         self.last_boxes = boxes
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items() if k != "skipped"}
 
     # --- planning ------------------------------------------------------------------------------
     def plan(self, views, state, prompt):

@@ -134,7 +134,7 @@ def decode_samples(model, tok, pose_tok, ds, indices, device):
     """Greedy pose text for held-out samples: list of (views with truth, prompt, target, text, Decoded)."""
     ds.set_epoch(0)
     batch = Collator(tok)([ds[i] for i in indices])
-    batch = to_device({k: v for k, v in batch.items() if k not in ("label_ids", "label_mask")}, device)
+    batch = to_device(batch, device)
     model.eval()
     ids = model.generate(batch, max_new_tokens=MAX_NEW_TOKENS)
     model.train()

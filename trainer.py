@@ -417,10 +417,8 @@ class Batches:
 
 
 def to_device(batch, device):
-    """Tensors to the device; a batch without any label token (flow-only) drops the NTP inputs, and
-    the Collator's count of skipped samples stays behind (the loop reads it before)."""
-    if "label_mask" in batch and not batch["label_mask"].any():
-        batch = {k: v for k, v in batch.items() if k not in ("label_ids", "label_mask")}
+    """Tensors to the device; the Collator's count of skipped samples stays behind (the loop reads
+    it before)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
             if k != "skipped"}
 
