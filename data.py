@@ -551,6 +551,11 @@ class Collator:
         return batch
 
 
+def split_paths(text):
+    """A comma-separated --data/--eval-data flag -> list of paths (None or "" -> [])."""
+    return [p for p in (text or "").split(",") if p]
+
+
 def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persistent=True, **kwargs):
     """A DataLoader with spawned, not forked, workers: a forked child inherits the parent's open PyAV,
     HDF5 and EGL handles with their locks but not the threads holding them, and can deadlock on its

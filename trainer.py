@@ -216,6 +216,26 @@ def check_checkpoint(ckpt, config, need=()):
                              f"{want[part][key]}; the checkpoint was trained with another configuration")
 
 
+def check_start_checkpoints(args, resume_needs=()):
+    """The start checks both stages share, after their own: --init and --resume are complete
+    checkpoints of the --config asked for (a --resume also holds `resume_needs`), and the full
+    configuration has PaliGemma's weights to start from."""
+    for ckpt, need in ((args.init, ()), (args.resume, resume_needs)):
+        if ckpt:
+            check_checkpoint(ckpt, args.config, need=need)
+    if args.config == "paligemma-3b" and not (args.vlm or args.init or args.resume):
+        raise ValueError("--config paligemma-3b needs --vlm DIR (a local google/paligemma-3b-pt-224)")
+
+
+def recipe_json(stage, cameras, image_size, robot=None, chunk=None, stride=None, source=None):
+    """recipe.json: how a checkpoint sees the world, read back by policy.py: the views in order, the
+    image size and, for an action stage, the robot, chunk, stride and the state/action widths of
+    `source`'s episodes (None where the stage has no actions)."""
+    width = lambda key: int(getattr(source.episodes[0], key).shape[1]) if source is not None else None  # noqa: E731
+    return {"robot": robot, "cameras": list(cameras), "chunk": chunk, "stride": stride,
+            "state_dim": width("state"), "action_dim": width("action"), "image_size": image_size, "stage": stage}
+
+
 def check_out(args):
     """A fresh run must not write into another run's folder: save() keeps an existing step_XXXXXX
     instead of this run's and the log would be overwritten. --resume it, or choose another --out."""
