@@ -41,6 +41,10 @@ from tokenizer import PoseBins, build_tiny_tokenizer, extend_tokenizer
 
 @dataclass
 class PoseVLAConfig:
+    # Which of CONFIGS this config was built from, written at build time so a checkpoint names its
+    # preset (learning rates follow it, trainer.default_rates). None: built by hand, or a checkpoint
+    # from before the field (trainer.config_name then recognises the preset by its shapes).
+    preset: str | None = None
     # The PaliGemma config as a plain dict (PaliGemmaConfig.to_dict()): the single source of truth
     # for the VLM's shape, so a checkpoint rebuilds exactly the network it was trained with.
     vlm: dict = field(default_factory=dict)
@@ -94,15 +98,17 @@ def paligemma_dict(image_size, patch, v_width, v_depth, v_heads, v_mlp,
 
 def tiny_config(**overrides):
     """A few million parameters: 112 px views with patch 14 (64 tokens each), 4 Gemma layers."""
-    cfg = PoseVLAConfig(vlm=paligemma_dict(112, 14, 128, 2, 4, 512, 256, 4, 4, 1, 64, 1024),
-                        expert_width=128, expert_mlp=512)
+    vlm = paligemma_dict(image_size=112, patch=14, v_width=128, v_depth=2, v_heads=4, v_mlp=512,
+                         width=256, depth=4, heads=4, kv_heads=1, head_dim=64, mlp=1024)
+    cfg = PoseVLAConfig(preset="tiny", vlm=vlm, expert_width=128, expert_mlp=512)
     return _override(cfg, overrides)
 
 
 def paligemma_3b_config(**overrides):
     """google/paligemma-3b-pt-224: SigLIP So400m/14 at 224 px, Gemma 2B; pi0's 300M expert."""
-    cfg = PoseVLAConfig(vlm=paligemma_dict(224, 14, 1152, 27, 16, 4304, 2048, 18, 8, 1, 256, 16384),
-                        expert_width=1024, expert_mlp=4096)
+    vlm = paligemma_dict(image_size=224, patch=14, v_width=1152, v_depth=27, v_heads=16, v_mlp=4304,
+                         width=2048, depth=18, heads=8, kv_heads=1, head_dim=256, mlp=16384)
+    cfg = PoseVLAConfig(preset="paligemma-3b", vlm=vlm, expert_width=1024, expert_mlp=4096)
     return _override(cfg, overrides)
 
 

@@ -189,7 +189,10 @@ def default_rates(args, cfg):
 
 
 def config_name(cfg):
-    """Which of model.CONFIGS a PoseVLAConfig was built from (by the shape of its networks)."""
+    """Which of model.CONFIGS a PoseVLAConfig was built from: its `preset`, or for a checkpoint
+    written before that field existed, the preset whose networks have the same shape (None: none)."""
+    if cfg.preset is not None:
+        return cfg.preset
     shape = lambda v: [v[p][k] for p in ("text_config", "vision_config")  # noqa: E731
                        for k in ("hidden_size", "num_hidden_layers")]
     return next((name for name, make in CONFIGS.items() if shape(make().vlm) == shape(cfg.vlm)), None)
