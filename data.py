@@ -150,14 +150,14 @@ class GroundingDataset(_Resilient):
     tuples) or "boxes" (names and 2D boxes only: the semantic baseline of ablation.py)."""
 
     def __init__(self, paths, pose_tokenizer, image_size, n_views=3, neg_frac=0.1, seed=0,
-                 split="train", names=None, views=ViewConfig(), skip_bad=False, targets="poses"):
+                 split="train", names=None, views=None, skip_bad=False, targets="poses"):
         paths = [paths] if isinstance(paths, str) else list(paths)
         _check_tokenizer(pose_tokenizer, image_size)
         if targets not in ("poses", "boxes"):
             raise ValueError(f"targets must be 'poses' or 'boxes', got {targets!r}")
         self.targets = targets
         self.tok, self.size, self.n_views, self.neg_frac = pose_tokenizer, int(image_size), n_views, neg_frac
-        self.seed, self.cfg, self.skip_bad = seed, views, skip_bad
+        self.seed, self.cfg, self.skip_bad = seed, views or ViewConfig(), skip_bad
         self.scenes, self.samples, self.sizes = [], [], []
         for p in paths:  # each reader refuses a dataset without a usable object
             start = len(self.samples)
@@ -347,12 +347,14 @@ class TrajectoryConfig:
     min_depth: float = 0.01  # [ours] m (method.md §3.4): nearer waypoints have no usable pixel
 
 
-def view_waypoints(action, t, K, cam2world, image_hw, cam, traj=TrajectoryConfig()):
+def view_waypoints(action, t, K, cam2world, image_hw, cam, traj=None):
     """method.md §3.4 trajectory tuples of one view at frame t: [(name, uv (2,) source pixels, t (3,), R (3, 3))],
     waypoint k = ee pose action[t + every*(k+1) - 1] (clamped) in this camera's frame at t. A wrist
     view lists only its own arm; the head an arm whose first waypoint projects into the image. [ours]
     Waypoints with z < min_depth (behind a wrist camera) are dropped, as dividing by z <= 0 mirrors
-    (u, v); the rest keep their k. Shared by RobotDataset and fit_bins: bins fit exactly the targets."""
+    (u, v); the rest keep their k. Shared by RobotDataset and fit_bins: bins fit exactly the targets.
+    traj: TrajectoryConfig (None: the method's)."""
+    traj = traj or TrajectoryConfig()
     steps = np.minimum(t + traj.every * np.arange(1, traj.count + 1) - 1, len(action) - 1)
     own = "left" if "left" in cam else "right" if "right" in cam else None
     Rcw, tcw, out = cam2world[:3, :3], cam2world[:3, 3], []
@@ -377,7 +379,7 @@ class RobotDataset(_Resilient):
     episodes of each dataset (few-demonstration experiments)."""
 
     def __init__(self, paths, image_size, chunk=16, stride=3, cameras=("head", "left_wrist", "right_wrist"),
-                 pose_tokenizer=None, trajectory=False, stats=None, traj=TrajectoryConfig(), seed=0,
+                 pose_tokenizer=None, trajectory=False, stats=None, traj=None, seed=0,
                  skip_bad=False, cache_dir=None, episodes=None):
         paths = [paths] if isinstance(paths, str) else list(paths)
         if trajectory:
@@ -570,7 +572,7 @@ def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persis
 
 
 # ----------------------------------------------------------------------------- bins, drawing, CLI
-def fit_bins(paths, n_bins=2048, split="train", names=None, traj=TrajectoryConfig(), frame_step=1, skip_bad=False):
+def fit_bins(paths, n_bins=2048, split="train", names=None, traj=None, frame_step=1, skip_bad=False):
     """PoseBins from the training annotations (method.md §3.3): grounding objects (translations and sizes) and
     the robot trajectory waypoints as the targets list them (view_waypoints with each frame's own
     camera pose), at every `frame_step`-th frame of each episode (1: all frames). skip_bad: as the
