@@ -213,7 +213,8 @@ class GroundingDataset(_Resilient):
                 continue
             b = np.clip(box - [x0, y0, x0, y0], 0, [x1 - x0, y1 - y0] * 2)
             sides = sorted((b[2] - b[0], b[3] - b[1]))
-            if sides[1] * min(1.0, lb.scale) < self.cfg.min_box_px or sides[0] * min(1.0, lb.scale) < self.cfg.min_side_px:
+            shrink = min(1.0, lb.scale)
+            if sides[1] * shrink < self.cfg.min_box_px or sides[0] * shrink < self.cfg.min_side_px:
                 continue  # not visible in this crop, or too small to anchor (in source and view pixels)
             b = b * lb.scale + np.r_[lb.offset, lb.offset]
             out.append(ObjectPose(_label(o.name), tuple(b), o.t, o.size, o.R))

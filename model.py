@@ -529,7 +529,8 @@ def attach_tokenizer(cfg, text_tokenizer, bins):
     """Add the pose tokens to the text tokenizer and record the ids the model needs in cfg."""
     extend_tokenizer(text_tokenizer, bins, cfg.n_views)
     if "<image>" not in text_tokenizer.get_vocab():  # PaliGemma's image placeholder (tiny tokenizer lacks it)
-        text_tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+        text_tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]},
+                                          replace_extra_special_tokens=False)
     ids = text_tokenizer.convert_tokens_to_ids
     cfg.image_start_ids = [ids(f"<image{i}>") for i in range(cfg.n_views)]
     cfg.image_end_ids = [ids(f"</image{i}>") for i in range(cfg.n_views)]
@@ -570,7 +571,8 @@ def build_model(config="tiny", bins=None, vlm_path=None, tokenizer_dir=None, **o
     cfg = CONFIGS[config](**overrides)
     if vlm_path is not None:
         if not os.path.isfile(os.path.join(vlm_path, "config.json")):
-            raise FileNotFoundError(f"{vlm_path}: no config.json; expected a PaliGemma directory written by save_pretrained")
+            raise FileNotFoundError(f"{vlm_path}: no config.json; expected a PaliGemma directory written by "
+                                    "save_pretrained")
         vlm = PaliGemmaForConditionalGeneration.from_pretrained(vlm_path, dtype=torch.float32)
         cfg.vlm = vlm.config.to_dict()
         tok = AutoTokenizer.from_pretrained(tokenizer_dir or vlm_path)

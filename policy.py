@@ -92,8 +92,9 @@ class Policy:
         self.recipe = read_recipe(ckpt)
         r = self.recipe
         if not os.path.isfile(os.path.join(ckpt, "stats.json")):
-            raise FileNotFoundError(f"{ckpt}: no stats.json (state/action statistics); this looks like a pre-training "
-                                    f"checkpoint (stage {r.get('stage')!r}): post-train it before closed-loop evaluation")
+            raise FileNotFoundError(f"{ckpt}: no stats.json (state/action statistics); this looks like a "
+                                    f"pre-training checkpoint (stage {r.get('stage')!r}): post-train it before "
+                                    "closed-loop evaluation")
         if robots is not None and r["robot"] not in robots:
             raise ValueError(f"{ckpt}/recipe.json: robot {r['robot']!r} cannot be driven here; "
                              f"expected one of {list(robots)}")
@@ -101,7 +102,8 @@ class Policy:
         self.model, self.text_tok, bins = load_checkpoint(ckpt, map_location=device)
         self.model.eval().to(device)
         cfg = self.model.cfg
-        for key, have, limit in (("image_size", r["image_size"], cfg.image_size), ("chunk", r["chunk"], cfg.action_horizon)):
+        for key, have, limit in (("image_size", r["image_size"], cfg.image_size),
+                                 ("chunk", r["chunk"], cfg.action_horizon)):
             if have != limit:
                 raise ValueError(f"{ckpt}/recipe.json: {key} {have} does not match the model config's {limit}")
         if len(r["cameras"]) > cfg.n_views or max(r["state_dim"], r["action_dim"]) > cfg.max_dim:

@@ -60,8 +60,10 @@ def build_parser():
                                             "--steps/--batch-size default to the robot's recipe.")
     p.add_argument("--robot", default=None, choices=sorted(RECIPES), help="embodiment recipe (required)")
     p.add_argument("--data", default=None,
-                   help="comma-separated LeRobot/RoboTwin datasets (tabletop default: built-in demos, generated on first use)")
-    p.add_argument("--eval-data", default=None, help="comma-separated held-out datasets (tabletop default: built-in val)")
+                   help="comma-separated LeRobot/RoboTwin datasets "
+                        "(tabletop default: built-in demos, generated on first use)")
+    p.add_argument("--eval-data", default=None,
+                   help="comma-separated held-out datasets (tabletop default: built-in val)")
     p.add_argument("--init", default=None, help="pre-trained checkpoint (omit: start from the plain VLM)")
     p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
     p.add_argument("--episodes", type=at_least(1), default=None,
@@ -127,7 +129,8 @@ def main(argv=None):
     model.cfg.action_horizon = recipe.chunk
     cameras = recipe.cameras or srcs[0].cameras[:model.cfg.n_views]
     if len(cameras) > model.cfg.n_views:
-        raise ValueError(f"the {recipe.robot} recipe uses {len(cameras)} cameras; the model has {model.cfg.n_views} views")
+        raise ValueError(f"the {recipe.robot} recipe uses {len(cameras)} cameras; "
+                         f"the model has {model.cfg.n_views} views")
     kw = dict(image_size=model.cfg.image_size, chunk=recipe.chunk, stride=recipe.stride, cameras=cameras,
               stats=stats, seed=args.seed, skip_bad=args.skip_bad)
     train_ds = RobotDataset(paths, episodes=args.episodes, **kw)

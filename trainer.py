@@ -259,7 +259,8 @@ def resolve_checkpoint(path):
         return path
     steps = checkpoints(path)
     if not steps:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor a run directory with step_* checkpoints")
+        raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor a run directory with step_* "
+                                "checkpoints")
     return steps[-1]
 
 
@@ -364,7 +365,8 @@ def make_optimizer(model, cfg):
     """AdamW; the vision tower's learning rate is cfg.vision_lr_scale x the rest (PaliGemma guards its
     encoder from a fresh decoder's gradients this way)."""
     tower = {id(p) for p in model.vlm.model.vision_tower.parameters()}
-    groups = [[p for p in model.parameters() if p.requires_grad and (id(p) in tower) == is_tower] for is_tower in (False, True)]
+    groups = [[p for p in model.parameters() if p.requires_grad and (id(p) in tower) == is_tower]
+              for is_tower in (False, True)]
     return torch.optim.AdamW([{"params": groups[0]}, {"params": groups[1], "lr": cfg.lr * cfg.vision_lr_scale}],
                              lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
 
