@@ -150,14 +150,14 @@ class GroundingDataset(_Resilient):
     tuples) or "boxes" (names and 2D boxes only: the semantic baseline of ablation.py)."""
 
     def __init__(self, paths, pose_tokenizer, image_size, n_views=3, neg_frac=0.1, seed=0,
-                 split="train", names=None, views=ViewConfig(), skip_bad=False, targets="poses"):
+                 split="train", names=None, views=None, skip_bad=False, targets="poses"):
         paths = [paths] if isinstance(paths, str) else list(paths)
         _check_tokenizer(pose_tokenizer, image_size)
         if targets not in ("poses", "boxes"):
             raise ValueError(f"targets must be 'poses' or 'boxes', got {targets!r}")
         self.targets = targets
         self.tok, self.size, self.n_views, self.neg_frac = pose_tokenizer, int(image_size), n_views, neg_frac
-        self.seed, self.cfg, self.skip_bad = seed, views, skip_bad
+        self.seed, self.cfg, self.skip_bad = seed, views or ViewConfig(), skip_bad
         self.scenes, self.samples, self.sizes = [], [], []
         for p in paths:  # each reader refuses a dataset without a usable object
             start = len(self.samples)
@@ -213,7 +213,8 @@ class GroundingDataset(_Resilient):
                 continue
             b = np.clip(box - [x0, y0, x0, y0], 0, [x1 - x0, y1 - y0] * 2)
             sides = sorted((b[2] - b[0], b[3] - b[1]))
-            if sides[1] * min(1.0, lb.scale) < self.cfg.min_box_px or sides[0] * min(1.0, lb.scale) < self.cfg.min_side_px:
+            shrink = min(1.0, lb.scale)
+            if sides[1] * shrink < self.cfg.min_box_px or sides[0] * shrink < self.cfg.min_side_px:
                 continue  # not visible in this crop, or too small to anchor (in source and view pixels)
             b = b * lb.scale + np.r_[lb.offset, lb.offset]
             out.append(ObjectPose(_label(o.name), tuple(b), o.t, o.size, o.R))
@@ -347,12 +348,14 @@ class TrajectoryConfig:
     min_depth: float = 0.01  # [ours] m (method.md §3.4): nearer waypoints have no usable pixel
 
 
-def view_waypoints(action, t, K, cam2world, image_hw, cam, traj=TrajectoryConfig()):
+def view_waypoints(action, t, K, cam2world, image_hw, cam, traj=None):
     """method.md §3.4 trajectory tuples of one view at frame t: [(name, uv (2,) source pixels, t (3,), R (3, 3))],
     waypoint k = ee pose action[t + every*(k+1) - 1] (clamped) in this camera's frame at t. A wrist
     view lists only its own arm; the head an arm whose first waypoint projects into the image. [ours]
     Waypoints with z < min_depth (behind a wrist camera) are dropped, as dividing by z <= 0 mirrors
-    (u, v); the rest keep their k. Shared by RobotDataset and fit_bins: bins fit exactly the targets."""
+    (u, v); the rest keep their k. Shared by RobotDataset and fit_bins: bins fit exactly the targets.
+    traj: TrajectoryConfig (None: the method's)."""
+    traj = traj or TrajectoryConfig()
     steps = np.minimum(t + traj.every * np.arange(1, traj.count + 1) - 1, len(action) - 1)
     own = "left" if "left" in cam else "right" if "right" in cam else None
     Rcw, tcw, out = cam2world[:3, :3], cam2world[:3, 3], []
@@ -377,7 +380,7 @@ class RobotDataset(_Resilient):
     episodes of each dataset (few-demonstration experiments)."""
 
     def __init__(self, paths, image_size, chunk=16, stride=3, cameras=("head", "left_wrist", "right_wrist"),
-                 pose_tokenizer=None, trajectory=False, stats=None, traj=TrajectoryConfig(), seed=0,
+                 pose_tokenizer=None, trajectory=False, stats=None, traj=None, seed=0,
                  skip_bad=False, cache_dir=None, episodes=None):
         paths = [paths] if isinstance(paths, str) else list(paths)
         if trajectory:
@@ -503,8 +506,12 @@ class MixtureSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------- collation, loading
 class Collator:
     """List of items -> batch dict for model.py. Prompt = <bos> + prompt + "\\n" (PaliGemma's
-    prefix format); label = target + <eos>; empty targets get an all-False label_mask. "skipped":
-    the samples --skip-bad left out to fill this batch (an int)."""
+    prefix format); label = target + <eos>. Whether a batch has labels is decided here, once: a
+    batch where no item has a target (flow-only stage 2, inference) gets no label keys at all, so
+    the model runs no NTP; in a mixed batch the empty targets get an all-False label_mask. `state`
+    comes with every item that has one (inference has a state but no actions); `actions`/`is_pad`
+    with items that have actions. "skipped": the samples --skip-bad left out to fill this batch
+    (an int)."""
 
     def __init__(self, text_tokenizer, max_dim=32):
         self.tok, self.max_dim = text_tokenizer, max_dim
@@ -535,14 +542,21 @@ class Collator:
             batch[key] = torch.from_numpy(np.stack([np.concatenate([a, p]) for a, p in zip(arrs, pad)]))
         batch["prompt_ids"], batch["prompt_mask"] = self._pad([self.bos + self._ids(it["prompt"] + "\n")
                                                                for it in items])
-        labels = [self._ids(it["target"]) + [self.eos] if it["target"] else [] for it in items]
-        batch["label_ids"], batch["label_mask"] = self._pad(labels)
+        if any(it["target"] for it in items):
+            labels = [self._ids(it["target"]) + [self.eos] if it["target"] else [] for it in items]
+            batch["label_ids"], batch["label_mask"] = self._pad(labels)
         batch["skipped"] = sum(it.get("skipped", 0) for it in items)
-        if all("actions" in it for it in items):
+        if all("state" in it for it in items):
             batch["state"] = torch.from_numpy(np.stack([self._dim(it["state"], "state") for it in items]))
+        if all("actions" in it for it in items):
             batch["actions"] = torch.from_numpy(np.stack([self._dim(it["actions"], "actions") for it in items]))
             batch["is_pad"] = torch.from_numpy(np.stack([it["is_pad"] for it in items]))
         return batch
+
+
+def split_paths(text):
+    """A comma-separated --data/--eval-data flag -> list of paths (None or "" -> [])."""
+    return [p for p in (text or "").split(",") if p]
 
 
 def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persistent=True, **kwargs):
@@ -559,7 +573,7 @@ def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persis
 
 
 # ----------------------------------------------------------------------------- bins, drawing, CLI
-def fit_bins(paths, n_bins=2048, split="train", names=None, traj=TrajectoryConfig(), frame_step=1, skip_bad=False):
+def fit_bins(paths, n_bins=2048, split="train", names=None, traj=None, frame_step=1, skip_bad=False):
     """PoseBins from the training annotations (method.md §3.3): grounding objects (translations and sizes) and
     the robot trajectory waypoints as the targets list them (view_waypoints with each frame's own
     camera pose), at every `frame_step`-th frame of each episode (1: all frames). skip_bad: as the

@@ -111,7 +111,7 @@ def _hold(env, cmd):
 
 
 def _carry_up(env, cmd):
-    arm, (_, base, h, _, _) = _arm(env), _geometry(env, 0)
+    arm, (_, base, _, _, _) = _arm(env), _geometry(env, 0)
     _, rbase, rh, _, _ = _geometry(env, env.receptacle)
     tcp = _tcp(cmd, arm)
     return _set(cmd, arm, [tcp[0], tcp[1], tcp[2] + (rbase + rh + 0.06 - base)])

@@ -41,6 +41,10 @@ from tokenizer import PoseBins, build_tiny_tokenizer, extend_tokenizer
 
 @dataclass
 class PoseVLAConfig:
+    # Which of CONFIGS this config was built from, written at build time so a checkpoint names its
+    # preset (learning rates follow it, trainer.default_rates). None: built by hand, or a checkpoint
+    # from before the field (trainer.config_name then recognises the preset by its shapes).
+    preset: str | None = None
     # The PaliGemma config as a plain dict (PaliGemmaConfig.to_dict()): the single source of truth
     # for the VLM's shape, so a checkpoint rebuilds exactly the network it was trained with.
     vlm: dict = field(default_factory=dict)
@@ -94,15 +98,17 @@ def paligemma_dict(image_size, patch, v_width, v_depth, v_heads, v_mlp,
 
 def tiny_config(**overrides):
     """A few million parameters: 112 px views with patch 14 (64 tokens each), 4 Gemma layers."""
-    cfg = PoseVLAConfig(vlm=paligemma_dict(112, 14, 128, 2, 4, 512, 256, 4, 4, 1, 64, 1024),
-                        expert_width=128, expert_mlp=512)
+    vlm = paligemma_dict(image_size=112, patch=14, v_width=128, v_depth=2, v_heads=4, v_mlp=512,
+                         width=256, depth=4, heads=4, kv_heads=1, head_dim=64, mlp=1024)
+    cfg = PoseVLAConfig(preset="tiny", vlm=vlm, expert_width=128, expert_mlp=512)
     return _override(cfg, overrides)
 
 
 def paligemma_3b_config(**overrides):
     """google/paligemma-3b-pt-224: SigLIP So400m/14 at 224 px, Gemma 2B; pi0's 300M expert."""
-    cfg = PoseVLAConfig(vlm=paligemma_dict(224, 14, 1152, 27, 16, 4304, 2048, 18, 8, 1, 256, 16384),
-                        expert_width=1024, expert_mlp=4096)
+    vlm = paligemma_dict(image_size=224, patch=14, v_width=1152, v_depth=27, v_heads=16, v_mlp=4304,
+                         width=2048, depth=18, heads=8, kv_heads=1, head_dim=256, mlp=16384)
+    cfg = PoseVLAConfig(preset="paligemma-3b", vlm=vlm, expert_width=1024, expert_mlp=4096)
     return _override(cfg, overrides)
 
 
@@ -405,14 +411,14 @@ class PoseVLA(nn.Module):
                                                         device=batch["state"].device)
         if use_cache:
             kvs, p_valid, _ = self.encode_prefix(batch)
-        text_only = {k: v for k, v in batch.items() if k not in ("label_ids", "label_mask")}
         dt = -1.0 / self.cfg.flow_steps
         for i in range(self.cfg.flow_steps):
             t = torch.full((B,), 1.0 + i * dt, device=x.device)
             if use_cache:
                 v = self.denoise_step(kvs, p_valid, batch["state"], x, t)
             else:
-                v = self.velocity(self.joint_forward(text_only, self.embed_suffix(batch["state"], x, t))[1])
+                # Labels, if the batch has any, change nothing here: the suffix never sees them.
+                v = self.velocity(self.joint_forward(batch, self.embed_suffix(batch["state"], x, t))[1])
             x = x + dt * v
         return x
 
@@ -523,7 +529,8 @@ def attach_tokenizer(cfg, text_tokenizer, bins):
     """Add the pose tokens to the text tokenizer and record the ids the model needs in cfg."""
     extend_tokenizer(text_tokenizer, bins, cfg.n_views)
     if "<image>" not in text_tokenizer.get_vocab():  # PaliGemma's image placeholder (tiny tokenizer lacks it)
-        text_tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+        text_tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]},
+                                          replace_extra_special_tokens=False)
     ids = text_tokenizer.convert_tokens_to_ids
     cfg.image_start_ids = [ids(f"<image{i}>") for i in range(cfg.n_views)]
     cfg.image_end_ids = [ids(f"</image{i}>") for i in range(cfg.n_views)]
@@ -564,7 +571,8 @@ def build_model(config="tiny", bins=None, vlm_path=None, tokenizer_dir=None, **o
     cfg = CONFIGS[config](**overrides)
     if vlm_path is not None:
         if not os.path.isfile(os.path.join(vlm_path, "config.json")):
-            raise FileNotFoundError(f"{vlm_path}: no config.json; expected a PaliGemma directory written by save_pretrained")
+            raise FileNotFoundError(f"{vlm_path}: no config.json; expected a PaliGemma directory written by "
+                                    "save_pretrained")
         vlm = PaliGemmaForConditionalGeneration.from_pretrained(vlm_path, dtype=torch.float32)
         cfg.vlm = vlm.config.to_dict()
         tok = AutoTokenizer.from_pretrained(tokenizer_dir or vlm_path)

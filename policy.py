@@ -92,8 +92,9 @@ class Policy:
         self.recipe = read_recipe(ckpt)
         r = self.recipe
         if not os.path.isfile(os.path.join(ckpt, "stats.json")):
-            raise FileNotFoundError(f"{ckpt}: no stats.json (state/action statistics); this looks like a pre-training "
-                                    f"checkpoint (stage {r.get('stage')!r}): post-train it before closed-loop evaluation")
+            raise FileNotFoundError(f"{ckpt}: no stats.json (state/action statistics); this looks like a "
+                                    f"pre-training checkpoint (stage {r.get('stage')!r}): post-train it before "
+                                    "closed-loop evaluation")
         if robots is not None and r["robot"] not in robots:
             raise ValueError(f"{ckpt}/recipe.json: robot {r['robot']!r} cannot be driven here; "
                              f"expected one of {list(robots)}")
@@ -101,7 +102,8 @@ class Policy:
         self.model, self.text_tok, bins = load_checkpoint(ckpt, map_location=device)
         self.model.eval().to(device)
         cfg = self.model.cfg
-        for key, have, limit in (("image_size", r["image_size"], cfg.image_size), ("chunk", r["chunk"], cfg.action_horizon)):
+        for key, have, limit in (("image_size", r["image_size"], cfg.image_size),
+                                 ("chunk", r["chunk"], cfg.action_horizon)):
             if have != limit:
                 raise ValueError(f"{ckpt}/recipe.json: {key} {have} does not match the model config's {limit}")
         if len(r["cameras"]) > cfg.n_views or max(r["state_dim"], r["action_dim"]) > cfg.max_dim:
@@ -141,14 +143,10 @@ class Policy:
             lbs.append(View(lb, (0, 0, rgb.shape[1], rgb.shape[0]), [], K is not None and self.use_rays))
             boxes.append((lb.scale, np.asarray(lb.offset)))
         item = {**tensors(lbs, self.size), "prompt": prompt, "target": "",
-                "state": self.stats.normalize(state, "state", f"{self.ckpt}/stats.json"),
-                "actions": np.zeros((self.recipe["chunk"], self.recipe["action_dim"]), np.float32),
-                "is_pad": np.zeros(self.recipe["chunk"], bool)}
-        batch = self.collate([item])
-        for key in ("actions", "is_pad", "label_ids", "label_mask", "skipped"):
-            batch.pop(key)
+                "state": self.stats.normalize(state, "state", f"{self.ckpt}/stats.json")}
+        batch = self.collate([item])                                            # no target: no label keys
         self.last_boxes = boxes
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items() if k != "skipped"}
 
     # --- planning ------------------------------------------------------------------------------
     def plan(self, views, state, prompt):

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data import Collator, RobotDataset, Stats, fit_bins, open_source
+from data import Collator, RobotDataset, Stats, fit_bins, open_source, split_paths
 from errors import at_least, cli
 from formats import detect_format
 from tokenizer import PoseBins
 import vlm
-from trainer import (Run, add_train_args, builtin_demos, check_checkpoint, check_out, default_rates, parse_args,
-                     set_trainable, setup_distributed, start_model, train, train_config, wrap)
+from trainer import (Run, add_train_args, builtin_demos, check_out, check_start_checkpoints, default_rates, parse_args,
+                     recipe_json, set_trainable, setup_distributed, start_model, train, train_config, wrap)
 
 
 @dataclass
@@ -60,18 +60,16 @@ def build_parser():
                                             "--steps/--batch-size default to the robot's recipe.")
     p.add_argument("--robot", default=None, choices=sorted(RECIPES), help="embodiment recipe (required)")
     p.add_argument("--data", default=None,
-                   help="comma-separated LeRobot/RoboTwin datasets (tabletop default: built-in demos, generated on first use)")
-    p.add_argument("--eval-data", default=None, help="comma-separated held-out datasets (tabletop default: built-in val)")
+                   help="comma-separated LeRobot/RoboTwin datasets "
+                        "(tabletop default: built-in demos, generated on first use)")
+    p.add_argument("--eval-data", default=None,
+                   help="comma-separated held-out datasets (tabletop default: built-in val)")
     p.add_argument("--init", default=None, help="pre-trained checkpoint (omit: start from the plain VLM)")
     p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
     p.add_argument("--episodes", type=at_least(1), default=None,
                    help="use only the first N episodes of each training dataset (few-demonstration runs)")
     add_train_args(p, steps=None, batch_size=None, lr=None, warmup=50, eval_every=250, save_every=250)
     return p
-
-
-def split_paths(text):
-    return [p for p in (text or "").split(",") if p]
 
 
 def check_start(args):
@@ -85,12 +83,7 @@ def check_start(args):
     for path in split_paths(args.data) + split_paths(args.eval_data):
         if detect_format(path) not in ("lerobot", "robotwin"):
             raise ValueError(f"{path}: is {detect_format(path)} data; post-training needs LeRobot or RoboTwin episodes")
-    if args.init:
-        check_checkpoint(args.init, args.config)
-    if args.resume:  # a post-training checkpoint carries its normalisation statistics
-        check_checkpoint(args.resume, args.config, need=("stats.json",))
-    if args.config == "paligemma-3b" and not (args.vlm or args.init or args.resume):
-        raise ValueError("--config paligemma-3b needs --vlm DIR (a local google/paligemma-3b-pt-224)")
+    check_start_checkpoints(args, resume_needs=("stats.json",))  # a post-training run carries its statistics
 
 
 def sources(paths, recipe, episodes=None, skip_bad=False):
@@ -136,7 +129,8 @@ def main(argv=None):
     model.cfg.action_horizon = recipe.chunk
     cameras = recipe.cameras or srcs[0].cameras[:model.cfg.n_views]
     if len(cameras) > model.cfg.n_views:
-        raise ValueError(f"the {recipe.robot} recipe uses {len(cameras)} cameras; the model has {model.cfg.n_views} views")
+        raise ValueError(f"the {recipe.robot} recipe uses {len(cameras)} cameras; "
+                         f"the model has {model.cfg.n_views} views")
     kw = dict(image_size=model.cfg.image_size, chunk=recipe.chunk, stride=recipe.stride, cameras=cameras,
               stats=stats, seed=args.seed, skip_bad=args.skip_bad)
     train_ds = RobotDataset(paths, episodes=args.episodes, **kw)
@@ -144,10 +138,8 @@ def main(argv=None):
     cfg = train_config(args)
     set_trainable(model, cfg)
     net = wrap(model, cfg, d)
-    info = {"robot": recipe.robot, "cameras": list(train_ds.cameras[0]), "chunk": recipe.chunk,
-            "stride": recipe.stride, "state_dim": int(srcs[0].episodes[0].state.shape[1]),
-            "action_dim": int(srcs[0].episodes[0].action.shape[1]), "image_size": model.cfg.image_size,
-            "stage": "posttrain"}
+    info = recipe_json("posttrain", train_ds.cameras[0], model.cfg.image_size, recipe.robot, recipe.chunk,
+                       recipe.stride, srcs[0])
     run = Run(model, tok, bins, args.out, vars(args),
               {"recipe.json": info, "stats.json": {"state": stats.state, "action": stats.action}})
     last = train(run, net, train_ds, Collator(tok, max_dim=model.cfg.max_dim), cfg, d, eval_ds, resume=args.resume)

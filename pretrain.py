@@ -30,13 +30,13 @@ import numpy as np
 import torch
 
 import vlm
-from data import Collator, fit_bins, open_datasets
+from data import Collator, fit_bins, open_datasets, split_paths
 from errors import at_least, cli
 from eval_sim import centre_errors, centre_summary, overlay, stack
 from formats import detect_format
 from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
-from trainer import (Run, add_train_args, builtin_demos, builtin_grounding, check_checkpoint, check_out, default_rates,
-                     parse_args, set_trainable, setup_distributed, start_model, to_device,
+from trainer import (Run, add_train_args, builtin_demos, builtin_grounding, check_out, check_start_checkpoints,
+                     default_rates, parse_args, recipe_json, set_trainable, setup_distributed, start_model, to_device,
                      train, train_config, wrap)
 
 MAX_NEW_TOKENS = 200  # a few tuples of ~16 tokens in each of 3 views
@@ -83,15 +83,7 @@ def check_start(args):
     check_out(args)
     for path in split_paths(args.data) + split_paths(args.eval_data):
         detect_format(path)  # raises FileNotFoundError / ValueError naming the path
-    for ckpt in (args.init, args.resume):
-        if ckpt:
-            check_checkpoint(ckpt, args.config)
-    if args.config == "paligemma-3b" and not (args.vlm or args.init or args.resume):
-        raise ValueError("--config paligemma-3b needs --vlm DIR (a local google/paligemma-3b-pt-224)")
-
-
-def split_paths(text):
-    return [p for p in (text or "").split(",") if p]
+    check_start_checkpoints(args)
 
 
 def data_paths(args, d):
@@ -118,13 +110,10 @@ def datasets(args, paths, eval_paths, pose_tok, cfg):
 def recipe(args, train_ds, cfg):
     """recipe.json: how this checkpoint sees the world (the views it was trained on)."""
     if args.stage != "motion":
-        return {"robot": None, "cameras": ["head", "left_wrist", "right_wrist"][:cfg.n_views], "chunk": None,
-                "stride": None, "state_dim": None, "action_dim": None, "image_size": cfg.image_size,
-                "stage": args.stage}
+        return recipe_json(args.stage, ["head", "left_wrist", "right_wrist"][:cfg.n_views], cfg.image_size)
     src = train_ds.sources[0]
-    return {"robot": "tabletop" if not args.data else detect_format(src.path), "cameras": train_ds.cameras[0],
-            "chunk": cfg.action_horizon, "stride": args.stride, "state_dim": int(src.episodes[0].state.shape[1]),
-            "action_dim": int(src.episodes[0].action.shape[1]), "image_size": cfg.image_size, "stage": "motion"}
+    robot = "tabletop" if not args.data else detect_format(src.path)
+    return recipe_json("motion", train_ds.cameras[0], cfg.image_size, robot, cfg.action_horizon, args.stride, src)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +123,7 @@ def decode_samples(model, tok, pose_tok, ds, indices, device):
     """Greedy pose text for held-out samples: list of (views with truth, prompt, target, text, Decoded)."""
     ds.set_epoch(0)
     batch = Collator(tok)([ds[i] for i in indices])
-    batch = to_device({k: v for k, v in batch.items() if k not in ("label_ids", "label_mask")}, device)
+    batch = to_device(batch, device)
     model.eval()
     ids = model.generate(batch, max_new_tokens=MAX_NEW_TOKENS)
     model.train()

@@ -189,7 +189,10 @@ def default_rates(args, cfg):
 
 
 def config_name(cfg):
-    """Which of model.CONFIGS a PoseVLAConfig was built from (by the shape of its networks)."""
+    """Which of model.CONFIGS a PoseVLAConfig was built from: its `preset`, or for a checkpoint
+    written before that field existed, the preset whose networks have the same shape (None: none)."""
+    if cfg.preset is not None:
+        return cfg.preset
     shape = lambda v: [v[p][k] for p in ("text_config", "vision_config")  # noqa: E731
                        for k in ("hidden_size", "num_hidden_layers")]
     return next((name for name, make in CONFIGS.items() if shape(make().vlm) == shape(cfg.vlm)), None)
@@ -216,6 +219,26 @@ def check_checkpoint(ckpt, config, need=()):
                              f"{want[part][key]}; the checkpoint was trained with another configuration")
 
 
+def check_start_checkpoints(args, resume_needs=()):
+    """The start checks both stages share, after their own: --init and --resume are complete
+    checkpoints of the --config asked for (a --resume also holds `resume_needs`), and the full
+    configuration has PaliGemma's weights to start from."""
+    for ckpt, need in ((args.init, ()), (args.resume, resume_needs)):
+        if ckpt:
+            check_checkpoint(ckpt, args.config, need=need)
+    if args.config == "paligemma-3b" and not (args.vlm or args.init or args.resume):
+        raise ValueError("--config paligemma-3b needs --vlm DIR (a local google/paligemma-3b-pt-224)")
+
+
+def recipe_json(stage, cameras, image_size, robot=None, chunk=None, stride=None, source=None):
+    """recipe.json: how a checkpoint sees the world, read back by policy.py: the views in order, the
+    image size and, for an action stage, the robot, chunk, stride and the state/action widths of
+    `source`'s episodes (None where the stage has no actions)."""
+    width = lambda key: int(getattr(source.episodes[0], key).shape[1]) if source is not None else None  # noqa: E731
+    return {"robot": robot, "cameras": list(cameras), "chunk": chunk, "stride": stride,
+            "state_dim": width("state"), "action_dim": width("action"), "image_size": image_size, "stage": stage}
+
+
 def check_out(args):
     """A fresh run must not write into another run's folder: save() keeps an existing step_XXXXXX
     instead of this run's and the log would be overwritten. --resume it, or choose another --out."""
@@ -236,7 +259,8 @@ def resolve_checkpoint(path):
         return path
     steps = checkpoints(path)
     if not steps:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor a run directory with step_* checkpoints")
+        raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor a run directory with step_* "
+                                "checkpoints")
     return steps[-1]
 
 
@@ -341,7 +365,8 @@ def make_optimizer(model, cfg):
     """AdamW; the vision tower's learning rate is cfg.vision_lr_scale x the rest (PaliGemma guards its
     encoder from a fresh decoder's gradients this way)."""
     tower = {id(p) for p in model.vlm.model.vision_tower.parameters()}
-    groups = [[p for p in model.parameters() if p.requires_grad and (id(p) in tower) == is_tower] for is_tower in (False, True)]
+    groups = [[p for p in model.parameters() if p.requires_grad and (id(p) in tower) == is_tower]
+              for is_tower in (False, True)]
     return torch.optim.AdamW([{"params": groups[0]}, {"params": groups[1], "lr": cfg.lr * cfg.vision_lr_scale}],
                              lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
 
@@ -417,10 +442,8 @@ class Batches:
 
 
 def to_device(batch, device):
-    """Tensors to the device; a batch without any label token (flow-only) drops the NTP inputs, and
-    the Collator's count of skipped samples stays behind (the loop reads it before)."""
-    if "label_mask" in batch and not batch["label_mask"].any():
-        batch = {k: v for k, v in batch.items() if k not in ("label_ids", "label_mask")}
+    """Tensors to the device; the Collator's count of skipped samples stays behind (the loop reads
+    it before)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
             if k != "skipped"}
 

@@ -366,7 +366,12 @@ def test_collator_batch(omni, lerobot):
     assert batch["state"].shape == (2, 32) and batch["actions"].shape == (2, 4, 32)
     assert batch["state"][:, 16:].abs().sum() == 0 and batch["is_pad"].dtype == torch.bool
     assert batch["is_pad"][1].tolist() == [False, True, True, True]  # frame 3 of a 5-frame episode
-    assert not batch["label_mask"].any()  # no trajectory target requested
+    assert "label_ids" not in batch and "label_mask" not in batch  # no target requested: no NTP at all
+    item = {k: v for k, v in r[0].items() if k not in ("actions", "is_pad")}  # what the policy sees
+    batch = Collator(text)([item])
+    assert batch["state"].shape == (1, 32) and "actions" not in batch and "label_ids" not in batch
+    batch = Collator(text)([g[0], {**g[2], "target": ""}])  # mixed: the empty target is all padding
+    assert batch["label_mask"][0].any() and not batch["label_mask"][1].any()
 
 
 def test_dataloader_workers_open_files_lazily(tmp_path):

@@ -104,6 +104,7 @@ def test_policy_uses_the_training_preprocessing_and_denormalises(make_ckpt):
     ids = p.text_tok("pick up the red cube\n", add_special_tokens=False)["input_ids"]
     assert batch["prompt_ids"][0].tolist() == [p.text_tok.bos_token_id] + ids
     np.testing.assert_allclose(batch["state"][0, :16].numpy(), p.stats.normalize(np.zeros(16), "state"), atol=1e-6)
+    assert not {"label_ids", "label_mask", "actions", "is_pad"} & set(batch)  # nothing to learn from
     plan = p.plan(views, np.zeros(16), "pick up the red cube")
     assert plan.shape == ((4 - 1) * 3 + 1, 16)
     positions = np.r_[0:3, 8:11]

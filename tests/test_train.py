@@ -7,7 +7,8 @@ Catches: a stage whose loss does not fall, post-training that still trains the t
 that is not bit-exact (optimiser, RNG, data position, the step-0 probe), DDP replicas that drift or
 share their flow noise, FSDP checkpoints that are saved sharded, bad flags found only after data
 generation, the held-out monitor matching by position instead of by name or reading the <loc>
-argmax of the wrong token, and --no-priors that keeps the prior embedders."""
+argmax of the wrong token, --no-priors that keeps the prior embedders, and a config that does not
+name its preset (or an old checkpoint without the name whose preset is no longer recognised)."""
 import json
 import os
 import shutil
@@ -65,6 +66,17 @@ def stage1(data, tmp_path_factory):
     pretrain.main(["--data", data["g"], "--eval-data", data["gv"], "--out", out, "--steps", "14",
                    "--save-every", "7", "--eval-every", "14", "--show", "1", *FAST[:-2], "--n-bins", "64"])
     return out
+
+
+def test_config_names_its_preset_and_old_checkpoints_fall_back_to_shapes():
+    from dataclasses import asdict
+    from model import CONFIGS, PoseVLAConfig
+    from trainer import config_name
+    for name, make in CONFIGS.items():
+        old = {k: v for k, v in asdict(make()).items() if k != "preset"}  # a config.json from before the field
+        assert make().preset == name and config_name(PoseVLAConfig(**old)) == name
+    assert config_name(PoseVLAConfig(preset="tiny", vlm=CONFIGS["paligemma-3b"]().vlm)) == "tiny"  # no guessing
+    assert config_name(PoseVLAConfig(vlm=CONFIGS["tiny"](expert_width=64).vlm)) == "tiny"
 
 
 def test_pretrain_then_posttrain_end_to_end(stage1, data, tmp_path):
