@@ -67,6 +67,17 @@ def report_dropped(where, dropped, kept):
         warnings.warn(f"{where}: kept {kept}; left out {reasons}")
 
 
+def scenes_kept(where, scenes, dropped, what, expected, nothing):
+    """A grounding reader's last word: `scenes` (SceneImages with objects) after one report_dropped
+    warning, or a ValueError naming `where`, the counts per reason (`nothing` when there are none)
+    and what a usable `what` needs (`expected`) when no scene is left."""
+    if not scenes:
+        why = "; ".join(f"{n} {r}" for r, n in dropped.items()) or nothing
+        raise ValueError(f"{where}: no usable {what} ({why}); expected {expected}")
+    report_dropped(where, dropped, f"{sum(len(im.objects) for im in scenes)} objects in {len(scenes)} images")
+    return scenes
+
+
 def skip_or_raise(err, skip_bad, dropped, what):
     """Under --skip-bad, leave out one unreadable record (`what`: 'image', 'episode', ...) with a
     warning naming it and count it in `dropped`; otherwise raise `err`."""
@@ -177,14 +188,9 @@ def read_omni3d(json_path, skip_bad=False):
             images[image_id].objects.append(obj)
     kept = [im for im in images.values() if im.objects]
     dropped["images without a usable object"] += len(images) - len(kept)
-    dropped = +dropped  # zero counts out
-    n_obj = sum(len(im.objects) for im in kept)
-    if not kept:
-        why = "; ".join(f"{n} {r}" for r, n in dropped.items()) or "it lists none"
-        raise ValueError(f"{json_path}: no usable 3D object ({why}); expected annotations with valid3D, "
-                         f"positive dimensions and a centre depth in {DEPTH_RANGE[0]}-{DEPTH_RANGE[1]} m")
-    report_dropped(json_path, dropped, f"{n_obj} objects in {len(kept)} images")
-    return kept
+    return scenes_kept(json_path, kept, +dropped, "3D object",  # +: zero counts out
+                       "annotations with valid3D, positive dimensions and a centre depth in "
+                       f"{DEPTH_RANGE[0]}-{DEPTH_RANGE[1]} m", "it lists none")
 
 
 def _omni3d_image(im, where, json_path, root):
@@ -287,12 +293,8 @@ def read_bop(path, names=None, split="train", skip_bad=False):
                 out.append(im)
             else:
                 dropped["images without a usable object"] += 1
-    if not out:
-        why = "; ".join(f"{n} {r}" for r, n in dropped.items()) or "no annotated image"
-        raise ValueError(f"{path}: no usable BOP object ({why}); expected objects with visib_fract >= "
-                         f"{BOP_MIN_VISIB} and a centre depth in {DEPTH_RANGE[0]}-{DEPTH_RANGE[1]} m")
-    report_dropped(path, dropped, f"{sum(len(im.objects) for im in out)} objects in {len(out)} images")
-    return out
+    return scenes_kept(path, out, dropped, "BOP object", f"objects with visib_fract >= {BOP_MIN_VISIB} and a "
+                       f"centre depth in {DEPTH_RANGE[0]}-{DEPTH_RANGE[1]} m", "no annotated image")
 
 
 def _bop_image(scene, im_id, cams, gt, gt_info, models, id2name, info_path, dropped):
