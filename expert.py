@@ -28,7 +28,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from sim import ARMS, CAMERAS, CONTROL_HZ, TabletopEnv, down_quat, mat_to_quat, nlerp
+from sim import ARMS, CAMERAS, CONTROL_HZ, TabletopEnv, down_quat, mat_to_quat
+from tokenizer import nlerp
 
 
 # ----------------------------------------------------------------------------- plan phases

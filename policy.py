@@ -29,12 +29,13 @@ from data import Collator, Stats, View, tensors
 from errors import read_json
 from fusion import letterbox
 from model import load_checkpoint
-from tokenizer import PoseTokenizer
+from robot_formats import ARMS
+from tokenizer import PoseTokenizer, nlerp
 
 RECIPE_KEYS = ("robot", "cameras", "chunk", "stride", "state_dim", "action_dim", "image_size")
-# Absolute end-effector layouts [l_xyz, l_quat(wxyz), l_grip, r_xyz, r_quat, r_grip]: quaternion slices.
-QUAT_SLICES = {"tabletop": (slice(3, 7), slice(11, 15)), "robotwin": (slice(3, 7), slice(11, 15))}
-POSITION_SLICES = {"tabletop": (slice(0, 3), slice(8, 11)), "robotwin": (slice(0, 3), slice(8, 11))}  # metres
+# Both robots act in the ee16 layout of robot_formats.ARMS: (arm, xyz, wxyz) slices.
+QUAT_SLICES = {robot: tuple(q for _, _, q in ARMS) for robot in ("tabletop", "robotwin")}
+POSITION_SLICES = {robot: tuple(p for _, p, _ in ARMS) for robot in ("tabletop", "robotwin")}  # metres
 GRIPPERS = {"tabletop": [7, 15], "robotwin": [7, 15]}  # opening in [0, 1], 1 = open
 
 
@@ -63,12 +64,6 @@ def read_recipe(ckpt):
     return recipe
 
 
-def _nlerp(q0, q1, f):
-    q1 = np.where(np.sum(q0 * q1, -1, keepdims=True) < 0, -q1, q1)
-    q = (1 - f) * q0 + f * q1
-    return q / np.linalg.norm(q, axis=-1, keepdims=True)
-
-
 def expand_chunk(chunk, stride, quat_slices=()):
     """(H, Da) actions every `stride` control steps -> ((H-1)*stride + 1, Da) at control rate:
     linear interpolation between consecutive chunk actions, nlerp on the quaternion slices."""
@@ -79,7 +74,7 @@ def expand_chunk(chunk, stride, quat_slices=()):
     a, b = chunk[:-1, None], chunk[1:, None]                                       # (H-1, 1, Da)
     out = (1 - f) * a + f * b                                                      # (H-1, s, Da)
     for q in quat_slices:
-        out[..., q] = _nlerp(a[..., q], b[..., q], f)
+        out[..., q] = nlerp(a[..., q], b[..., q], f)
     return np.concatenate([out.reshape(-1, chunk.shape[1]), chunk[-1:]])
 
 

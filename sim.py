@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import mujoco
 import numpy as np
 
+from tokenizer import nlerp
+
 TASKS = ("pick", "place", "push", "handover")
 SETTINGS = ("clean", "randomized")
 CAMERAS = ("head", "left_wrist", "right_wrist")
@@ -104,13 +106,6 @@ def _rz(a):
 def down_quat(yaw):
     """Gripper pointing down (its z = world -z), fingers closing along Rz(yaw) @ world y."""
     return mat_to_quat(_rz(yaw) @ np.diag([-1.0, 1.0, -1.0]))
-
-
-def nlerp(q0, q1, f):
-    """Normalised lerp from q0 to q1 (flipped into q0's hemisphere, so either sign of q1 works)."""
-    q1 = q1 if np.dot(q0, q1) >= 0 else -q1
-    q = (1 - f) * q0 + f * q1
-    return q / np.linalg.norm(q)
 
 
 def look_at(pos, target, up):

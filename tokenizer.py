@@ -89,6 +89,15 @@ def matrix_to_quat(R):
     return np.where(q[..., :1] < 0, -q, q)
 
 
+
+def nlerp(q0, q1, f):
+    """Normalised lerp from q0 to q1 over (..., 4), q1 flipped into q0's hemisphere so either sign
+    works. Every interpolation of commanded poses uses it (simulator sub-steps, the scripted expert,
+    the policy's chunk expansion), so demonstrations and policy move between poses the same way."""
+    q1 = np.where(np.sum(q0 * q1, -1, keepdims=True) < 0, -q1, q1)
+    q = (1 - f) * q0 + f * q1
+    return q / np.linalg.norm(q, axis=-1, keepdims=True)
+
 # ----------------------------------------------------------------------------------------------
 # Non-uniform translation / size bins
 
