@@ -25,7 +25,8 @@ import torch
 
 from errors import BAD_INPUT, at_least, cli, read_json
 from formats import GROUNDING_FORMATS, ROBOT_FORMATS, detect_format, load_scenes
-from fusion import depth_prior, image_to_tensor, letterbox, ray_map
+from draw import draw_views
+from fusion import box_corners, depth_prior, image_to_tensor, letterbox, project, ray_map
 from robot_formats import ARMS, open_source
 from tokenizer import ObjectPose, PoseBins, PoseTokenizer, Waypoint, quat_to_matrix
 
@@ -71,18 +72,6 @@ def _letterbox_crop(image, K, depth, crop, size):
     Kc = np.array(K, dtype=np.float64)
     Kc[:2, 2] -= (x0, y0)  # the principal point moves with the crop's corner
     return letterbox(image[y0:y1, x0:x1], Kc, size, depth=None if depth is None else depth[y0:y1, x0:x1])
-
-
-def box_corners(t, R, size):
-    """(8, 3) corners of an oriented box in the camera frame."""
-    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float)
-    return (signs * np.asarray(size) / 2) @ np.asarray(R).T + np.asarray(t)
-
-
-def project(K, points):
-    """(N, 3) camera-frame points -> (N, 2) pixels."""
-    p = np.asarray(points) @ np.asarray(K).T
-    return p[:, :2] / p[:, 2:3]
 
 
 def _source_box(obj, K, W, H):
@@ -598,44 +587,6 @@ def fit_bins(paths, n_bins=2048, split="train", names=None, traj=None, frame_ste
     return PoseBins.fit(np.array(trans), np.array(sizes) if sizes else None, n_bins=n_bins)
 
 
-def draw(views, target, size, text_width=110, names=None):
-    """PIL image: the views side by side (2x), 2D boxes (green), projected 3D boxes (yellow),
-    object/waypoint axes (x red, y green, z blue), the target text underneath, and with `names`
-    each view's name in its corner."""
-    import textwrap
-    from PIL import Image, ImageDraw
-    z = max(1, 256 // size)
-    lines = textwrap.wrap(target or "(no target)", text_width)
-    canvas = Image.new("RGB", (max(len(views) * size * z, 6 * text_width), size * z + 12 * len(lines) + 8))
-    pen = ImageDraw.Draw(canvas)
-    edges = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
-    for i, v in enumerate(views):
-        canvas.paste(Image.fromarray(v.lb.image).resize((size * z, size * z)), (i * size * z, 0))
-        P = lambda pts: [(float(x) * z + i * size * z, float(y) * z) for x, y in project(v.lb.K, pts)]
-        for o in v.objects:
-            t = np.asarray(o.t)
-            if t[2] <= 0:
-                continue
-            if isinstance(o, ObjectPose):
-                x1, y1, x2, y2 = (float(b) * z for b in o.box2d)
-                pen.rectangle([x1 + i * size * z, y1, x2 + i * size * z, y2], outline=(0, 255, 0))
-                corners = box_corners(t, o.R, o.size)
-                c = P(corners) if np.all(corners[:, 2] > 0) else []
-                for a, b in edges if c else []:
-                    pen.line([c[a], c[b]], fill=(255, 255, 0))
-                axis = 0.5 * float(np.max(o.size))
-            else:
-                axis = 0.05
-            ends = P(np.vstack([t, t + axis * np.asarray(o.R).T]))
-            for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 128, 255)]):
-                pen.line([ends[0], ends[k + 1]], fill=colour, width=2)
-    for i, name in enumerate(names or []):
-        pen.text((i * size * z + 4, 4), name, fill=(255, 255, 255))
-    for k, line in enumerate(lines):
-        pen.text((4, size * z + 4 + 12 * k), line, fill=(255, 255, 255))
-    return canvas
-
-
 def dataset_for(args):
     """(dataset, view names) for `show` and `bench`. Grounding data: pseudo-views with pose-tuple
     targets (bins from --bins or fitted on the data). Robot data: the --cameras views (default: the
@@ -696,7 +647,7 @@ def main(argv=None):
             raise ValueError(f"--index {args.index}: {' '.join(args.data)} has {len(ds)} samples (0..{len(ds) - 1})")
         views, prompt, target = ds.build(args.index)[:3]
         out = args.out or "sample.png"
-        draw(views, f"{prompt} -> {target}", args.image_size, names=names).save(out)
+        draw_views(views, f"{prompt} -> {target}", args.image_size, names=names).save(out)
         print(f"wrote {out}: prompt {prompt!r}, {len(views)} views ({', '.join(names)})")
         return
     from tokenizer import build_tiny_tokenizer

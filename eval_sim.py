@@ -27,11 +27,10 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw
-
+from draw import draw_points, overlay, save_gif, world_to_pixels
 from errors import at_least, cli
+from metrics import CENTRE_HIT, Box, centre_errors, centre_summary, evaluate
 
-CENTRE_HIT = 0.1   # grounding: a decoded anchor within 10 % of the image size counts as found (2D recall)
 EVAL_SEED0 = 100_000  # demonstrations use env seeds 0, 1, 2, ... (sim_export.write_demos): never overlap
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -128,24 +127,7 @@ def run_protocol(results, episodes_fn):
     results.save(complete=True)
 
 
-# ----------------------------------------------------------------------------- drawing
-def project(points, K, cam2world):
-    """(N, 3) world points -> (N, 2) pixels and (N,) in-front mask."""
-    pc = (np.asarray(points) - cam2world[:3, 3]) @ cam2world[:3, :3]            # (N, 3) camera frame
-    uv = pc @ np.asarray(K).T
-    return uv[:, :2] / np.maximum(uv[:, 2:3], 1e-9), pc[:, 2] > 1e-6
-
-
-def draw_points(rgb, marks, zoom=3):
-    """Upscaled frame with marks = list of ((u, v), colour) drawn as dots."""
-    img = Image.fromarray(rgb).resize((rgb.shape[1] * zoom, rgb.shape[0] * zoom), Image.NEAREST)
-    pen = ImageDraw.Draw(img)
-    for (u, v), colour in marks:
-        x, y = (u + 0.5) * zoom, (v + 0.5) * zoom
-        pen.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colour, width=2)
-    return img
-
-
+# ----------------------------------------------------------------------------- drawing the plan
 def plan_marks(policy, head, tokens):
     """What to draw on the head view for the current plan: the decoded waypoints when the pose-text
     head writes any (green), else the planned chunk's end-effector positions projected (left
@@ -155,13 +137,9 @@ def plan_marks(policy, head, tokens):
         return [(uv, (40, 255, 40)) for _, uv, _ in wps]
     marks = []
     for arm, colour in ((slice(0, 3), (255, 140, 0)), (slice(8, 11), (0, 160, 255))):
-        uv, front = project(policy.last_plan[:, arm], head["K"], head["cam2world"])
+        uv, front = world_to_pixels(policy.last_plan[:, arm], head["K"], head["cam2world"])
         marks += [(p, colour) for p, ok in zip(uv, front) if ok]
     return marks
-
-
-def save_gif(frames, path, hz):
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / hz), loop=0)
 
 
 # ----------------------------------------------------------------------------- tabletop
@@ -320,7 +298,6 @@ def scored_decode(text_tok, pose_tok, ids, logps, n_views):
 def grounding_pairs(decoded, views, scores=None):
     """Per view: (predicted Boxes, ground-truth Boxes) for metrics.evaluate. scores: per view, one
     confidence per decoded tuple (scored_decode); without them every prediction ranks equally."""
-    from metrics import Box
     from tokenizer import quat_to_matrix
     pairs = []
     for v, view in enumerate(views):
@@ -332,58 +309,12 @@ def grounding_pairs(decoded, views, scores=None):
     return pairs
 
 
-def centre_errors(decoded, views):
-    """Per true object, the pixel distance from its 2D box centre to the nearest same-name decoded
-    anchor (a centre, or a 2D box's centre); inf when there is none. The grounding measure that
-    pose tuples and the box-only baseline (ablation.py) share."""
-    errors = []
-    for v, view in enumerate(views):
-        for o in view.objects:
-            centre = np.array([(o.box2d[0] + o.box2d[2]) / 2, (o.box2d[1] + o.box2d[3]) / 2])
-            dists = [np.linalg.norm((d.anchor[:2] + d.anchor[-2:]) / 2 - centre)
-                     for d in decoded.views[v] if d.name == o.name]
-            errors.append(float(min(dists, default=np.inf)))
-    return errors
-
-
-def centre_summary(errors, size):
-    """centre_errors over many views -> median pixel error of the objects found (any same-name
-    anchor) and 2D recall (an anchor within CENTRE_HIT of the image size); NaN without objects."""
-    errors = np.asarray(errors, np.float64)
-    found = errors[np.isfinite(errors)]
-    return {"centre_px": float(np.median(found)) if len(found) else float("nan"),
-            "recall_2d": float(np.mean(errors < CENTRE_HIT * size)) if len(errors) else float("nan")}
-
-
-def overlay(views, decoded, size, truth_title="ground truth", pred_title="prediction"):
-    """GT boxes (top row) and predicted boxes (bottom row), drawn by data.draw."""
-    from data import View, draw
-    from tokenizer import ObjectPose, quat_to_matrix
-    pred_views = []
-    for v, view in enumerate(views):
-        objs = [ObjectPose(d.name, tuple(np.r_[d.anchor[:2], d.anchor[-2:]]), d.t, d.size, quat_to_matrix(d.quat))
-                for d in decoded.views[v] if d.size is not None]
-        pred_views.append(View(view.lb, view.crop, objs))
-    return stack([draw(views, truth_title, size), draw(pred_views, pred_title, size)])
-
-
-def stack(images):
-    """PIL images one under the other, left-aligned."""
-    canvas = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images)))
-    y = 0
-    for im in images:
-        canvas.paste(im, (0, y))
-        y += im.height
-    return canvas
-
-
 def run_grounding(args, protocol):
     """Decode every held-out sample (the model and data are read before anything is written to
     --out); returns the Results, the metrics in results.extra["grounding"]."""
     import torch
     from data import Collator, GroundingDataset, tensors
     from formats import omni3d_files
-    from metrics import evaluate
     from model import load_checkpoint
     from tokenizer import PoseTokenizer
     model, tok, bins = load_checkpoint(args.ckpt)

@@ -3,6 +3,7 @@
 
 Reading order:
   1. letterbox(): image (+ depth) -> the model's square size, aspect kept, zero padding, K updated;
+     project() / box_corners(): camera-frame points -> pixels with that K, an oriented box's corners;
   2. image_to_tensor(), ray_map(), depth_prior(): the dense per-view inputs (numpy, data side);
   3. PriorEmbedder: pixel-unshuffle by the ViT patch size, an MLP, RMS-normalised per patch and
      times a learned gate tanh(g) (g = 0 at init) -> one vector per patch, RMS below 1;
@@ -77,6 +78,18 @@ def letterbox(image, K, size, depth=None) -> Letterboxed:
         depth_out = np.zeros((size, size), dtype=np.float32)
         depth_out[py:py + nh, px:px + nw] = depth[rows[:, None], cols[None, :]]
     return Letterboxed(out, K_new, depth_out, valid, float(scale), (float(ox), float(oy)))
+
+
+def box_corners(t, R, size):
+    """(8, 3) corners of an oriented box in the camera frame."""
+    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float)
+    return (signs * np.asarray(size) / 2) @ np.asarray(R).T + np.asarray(t)
+
+
+def project(K, points):
+    """(N, 3) camera-frame points -> (N, 2) pixels."""
+    p = np.asarray(points) @ np.asarray(K).T
+    return p[:, :2] / p[:, 2:3]
 
 
 def image_to_tensor(image):

@@ -1,5 +1,5 @@
-"""3D grounding metrics (method.md §8.1): exact oriented-box IoU, greedy matching, AP over 3D-IoU
-thresholds, and pose errors.
+"""Grounding metrics (method.md §8.1): exact oriented-box IoU, greedy matching, AP over 3D-IoU
+thresholds, pose errors, and the 2D anchor-centre measure.
 
 Reading order:
   1. Box: an oriented box in the camera frame (centre t, full extents `size` along its own axes,
@@ -18,6 +18,8 @@ Reading order:
   5. Pose errors of matched pairs: rotation geodesic angle (deg), translation / depth (z) / size
      (mean absolute per axis) errors in cm, and the 5deg-5cm / 10deg-5cm accuracies over all
      ground-truth objects (an unmatched one counts as a miss).
+  6. centre_errors() / centre_summary(): the 2D grounding measure (decoded anchor centre vs true 2D
+     box centre, by name) that pose tuples and the box-only baseline share.
 Object symmetries are not modelled: a rotation error is measured against the one annotated R.
 """
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ import numpy as np
 
 IOU_THRESHOLDS = tuple(np.round(np.arange(0.05, 0.501, 0.05), 2))  # method.md §8.1: 0.05 .. 0.50
 EPS = 1e-9
+CENTRE_HIT = 0.1  # 2D grounding: a decoded anchor within 10 % of the image size counts as found
 
 
 @dataclass
@@ -208,3 +211,29 @@ def evaluate(images, thresholds=IOU_THRESHOLDS):
         hits = sum(e["rot_deg"] <= deg + 1e-9 and e["trans_cm"] <= 5 + 1e-9 for e in errors)
         out[f"{deg}deg5cm"] = hits / n_gt if n_gt else float("nan")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 2D grounding: anchor centres vs true 2D box centres
+
+def centre_errors(decoded, views):
+    """Per true object, the pixel distance from its 2D box centre to the nearest same-name decoded
+    anchor (a centre, or a 2D box's centre); inf when there is none. The grounding measure that
+    pose tuples and the box-only baseline (ablation.py) share."""
+    errors = []
+    for v, view in enumerate(views):
+        for o in view.objects:
+            centre = np.array([(o.box2d[0] + o.box2d[2]) / 2, (o.box2d[1] + o.box2d[3]) / 2])
+            dists = [np.linalg.norm((d.anchor[:2] + d.anchor[-2:]) / 2 - centre)
+                     for d in decoded.views[v] if d.name == o.name]
+            errors.append(float(min(dists, default=np.inf)))
+    return errors
+
+
+def centre_summary(errors, size):
+    """centre_errors over many views -> median pixel error of the objects found (any same-name
+    anchor) and 2D recall (an anchor within CENTRE_HIT of the image size); NaN without objects."""
+    errors = np.asarray(errors, np.float64)
+    found = errors[np.isfinite(errors)]
+    return {"centre_px": float(np.median(found)) if len(found) else float("nan"),
+            "recall_2d": float(np.mean(errors < CENTRE_HIT * size)) if len(errors) else float("nan")}

@@ -32,8 +32,9 @@ import torch
 import vlm
 from data import Collator, fit_bins, open_datasets, split_paths
 from errors import at_least, cli
-from eval_sim import centre_errors, centre_summary, overlay, stack
+from draw import overlay, stack
 from formats import detect_format
+from metrics import centre_errors, centre_summary
 from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
 from trainer import (Run, add_train_args, builtin_demos, builtin_grounding, check_out, check_start_checkpoints,
                      default_rates, parse_args, recipe_json, set_trainable, setup_distributed, start_model, to_device,
@@ -148,7 +149,7 @@ def match(truth, pred):
 
 def tuple_errors(samples, size):
     """Recall of true tuples, median translation error (cm) and rotation error (deg) of matches; 2D
-    recall and median centre error (px) as eval_sim.centre_summary counts them."""
+    recall and median centre error (px) as metrics.centre_summary counts them."""
     trans, rot, n_true, rejected, centres = [], [], 0, 0, []
     for views, _, _, _, dec in samples:
         rejected += dec.n_rejected

@@ -22,6 +22,7 @@ import policy as policy_mod  # noqa: E402
 import sim  # noqa: E402
 from data import Stats  # noqa: E402
 from fusion import letterbox, ray_map  # noqa: E402
+from metrics import centre_errors  # noqa: E402
 from model import build_model, save_checkpoint  # noqa: E402
 from policy import Policy, expand_chunk, valid_actions  # noqa: E402
 from robotwin_policy import deploy_policy  # noqa: E402
@@ -284,10 +285,10 @@ def test_centre_errors_compare_pose_anchors_and_2d_boxes_alike():
     lb = letterbox(np.zeros((112, 112, 3), np.uint8), np.eye(3), 112)
     views = [View(lb, (0, 0, 112, 112), objs)]
     for text in (tok.encode_objects([objs]), tok.encode_boxes([objs])):
-        errors = eval_sim.centre_errors(tok.decode(text, n_views=1), views)
+        errors = centre_errors(tok.decode(text, n_views=1), views)
         assert len(errors) == 2 and max(errors) < 112 / 1024 * 1.5  # within a loc bin of the truth
     only_cube = tok.encode_boxes([objs[:1]])
-    errors = eval_sim.centre_errors(tok.decode(only_cube, n_views=1), views)
+    errors = centre_errors(tok.decode(only_cube, n_views=1), views)
     assert errors[0] < 1 and errors[1] == np.inf
 
 
