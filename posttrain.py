@@ -22,9 +22,10 @@ import numpy as np
 from data import Collator, RobotDataset, Stats, fit_bins, open_source, split_paths
 from errors import at_least, cli
 from formats import detect_format
+from sim_export import builtin_demos
 from tokenizer import PoseBins
 import vlm
-from trainer import (Run, add_train_args, builtin_demos, check_out, check_start_checkpoints, default_rates, parse_args,
+from trainer import (Run, add_train_args, check_out, check_start_checkpoints, default_rates, parse_args,
                      recipe_json, set_trainable, setup_distributed, start_model, train, train_config, wrap)
 
 

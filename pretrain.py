@@ -35,10 +35,10 @@ from errors import at_least, cli
 from draw import overlay, stack
 from formats import detect_format
 from metrics import centre_errors, centre_summary
+from sim_export import builtin_demos, builtin_grounding
 from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
-from trainer import (Run, add_train_args, builtin_demos, builtin_grounding, check_out, check_start_checkpoints,
-                     default_rates, parse_args, recipe_json, set_trainable, setup_distributed, start_model, to_device,
-                     train, train_config, wrap)
+from trainer import (Run, add_train_args, check_out, check_start_checkpoints, default_rates, parse_args, recipe_json,
+                     set_trainable, setup_distributed, start_model, to_device, train, train_config, wrap)
 
 MAX_NEW_TOKENS = 200  # a few tuples of ~16 tokens in each of 3 views
 # Default --steps per stage. The tiny VLM's decoder needs the longest: its most likely <loc> is

@@ -10,6 +10,8 @@
   the parquet and, per camera, `observation.depth.{cam}` (16-bit PNG, mm),
   `observation.intrinsics.{cam}` (9, row-major K) and `observation.extrinsics.{cam}` (16,
   row-major camera->world, OpenCV axes).
+- `builtin_grounding` / `builtin_demos`: the training sets pretrain.py and posttrain.py use without
+  --data, written once into a cache folder (sizes in BUILTIN).
 Everything is a pure function of the seed, so the same seed writes the same bytes. `bench` times
 control steps and demo writing. `main` is the world's command line (`python sim.py ...` runs it).
 """
@@ -310,6 +312,33 @@ def _write_meta(out, feats, stats, tasks, episodes, total, S):
             "features": feats}
     with open(os.path.join(meta, "info.json"), "w") as f:
         json.dump(info, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- built-in training data
+BUILTIN = {  # split -> (grounding scenes, demos per task and setting, seed); sized for a CPU run
+    # 4000 scenes (8000 views, ~3 CPU-minutes to render, 210 MB): with 300 the decoder memorises
+    # the scenes (train loss 1.9, held-out 2.5) instead of learning where objects are.
+    "train": (4000, 6, 0),
+    "val": (32, 1, 10_000),
+}
+
+
+def builtin_grounding(cache, split, d):
+    """Tabletop grounding scenes (Omni3D JSON + RGB + depth) for `split` ('train' or 'val'). The
+    trainer (torch) is imported here, not at the top, so the world's command line stays light."""
+    from trainer import generate_once
+    scenes, _, seed = BUILTIN[split]
+    return generate_once(os.path.join(cache, "tabletop_grounding", split),
+                          lambda p: write_grounding(p, scenes, seed=seed), d)
+
+
+def builtin_demos(cache, split, d):
+    """Scripted-expert demonstrations (LeRobot v3.0), one dataset per task and setting."""
+    from trainer import generate_once
+    _, episodes, seed = BUILTIN[split]
+    return [generate_once(os.path.join(cache, "tabletop_demos", split, f"{task}_{setting}"),
+                           lambda p, t=task, s=setting: write_demos(p, t, episodes, s, seed), d)
+            for task in sim.TASKS for setting in sim.SETTINGS]
 
 
 # ----------------------------------------------------------------------------- timing

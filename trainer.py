@@ -9,7 +9,7 @@ Reading order:
   6. train(): the loop (bf16 autocast on CUDA, fp32 on CPU, grad-norm clip 1.0, tqdm, held-out
      evaluation with the image-sensitivity probe, also logged at step 0 before any update, Ctrl-C
      writes a checkpoint and exits);
-  7. the built-in tabletop data (sim_export), generated into a cache folder on first use.
+  7. generate_once: a cache folder written once and renamed into place (sim_export's built-in data).
 A resumed run continues exactly: optimiser, scheduler, every process's RNG and the data position
 are restored, and evaluation runs under a forked RNG so it never shifts the training randomness.
 
@@ -733,15 +733,7 @@ def _non_finite_message(step, out, norm, run_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# Built-in tabletop data (method.md §11), generated once into a cache folder
-
-BUILTIN = {  # split -> (grounding scenes, demos per task and setting, seed); sized for a CPU run
-    # 4000 scenes (8000 views, ~3 CPU-minutes to render, 210 MB): with 300 the decoder memorises
-    # the scenes (train loss 1.9, held-out 2.5) instead of learning where objects are.
-    "train": (4000, 6, 0),
-    "val": (32, 1, 10_000),
-}
-
+# Generated data (the built-in tabletop sets, the tiny VLM's images), written once into a cache folder
 
 def generate_once(path, write, d):
     """Run `write(tmp)` once (rank 0), then rename: an interrupted generation leaves no half cache."""
@@ -754,21 +746,3 @@ def generate_once(path, write, d):
     if d.world > 1:
         dist.barrier()
     return path
-
-
-def builtin_grounding(cache, split, d):
-    """Tabletop grounding scenes (Omni3D JSON + RGB + depth) for `split` ('train' or 'val')."""
-    import sim_export
-    scenes, _, seed = BUILTIN[split]
-    return generate_once(os.path.join(cache, "tabletop_grounding", split),
-                          lambda p: sim_export.write_grounding(p, scenes, seed=seed), d)
-
-
-def builtin_demos(cache, split, d):
-    """Scripted-expert demonstrations (LeRobot v3.0), one dataset per task and setting."""
-    import sim
-    import sim_export
-    _, episodes, seed = BUILTIN[split]
-    return [generate_once(os.path.join(cache, "tabletop_demos", split, f"{task}_{setting}"),
-                           lambda p, t=task, s=setting: sim_export.write_demos(p, t, episodes, s, seed), d)
-            for task in sim.TASKS for setting in sim.SETTINGS]
