@@ -625,6 +625,12 @@ def save_checkpoint(path, model, text_tokenizer, bins, extra=None):
         os.rename(tmp, path)
 
 
+def non_finite(state):
+    """Names of the floating-point tensors of a state dict that hold NaN/inf: a checkpoint with any
+    is neither written (trainer.save) nor loaded."""
+    return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Inverse of save_checkpoint: returns (model, text_tokenizer, bins). Every file is read through
     errors.read_file; weights that do not fit config.json, or hold NaN/inf, are refused."""
@@ -636,7 +642,7 @@ def load_checkpoint(path, map_location="cpu"):
     model = PoseVLA(cfg)
     weights = os.path.join(path, "model.safetensors")
     state = read_file(weights, "safetensors weights", lambda p: load_file(p, device=str(map_location)))
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite(state)
     if bad:
         raise ValueError(f"{weights}: {len(bad)} tensors hold NaN/inf (e.g. {bad[:3]}); not a usable checkpoint")
     try:

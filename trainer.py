@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from data import MixtureSampler
 from errors import at_least, read_file, read_json
-from model import CONFIGS, build_model, image_sensitivity, load_checkpoint, save_checkpoint
+from model import CONFIGS, build_model, image_sensitivity, load_checkpoint, non_finite, save_checkpoint
 from tokenizer import loc_tokens
 
 
@@ -501,7 +501,7 @@ def save(run, step, optimizer, scheduler, batches, cfg, d):
     final = os.path.join(run.out, f"step_{step:06d}")
     rngs = _gather(rng_state(), d)
     weights, optim = _full_states(run, optimizer, cfg)
-    bad = [k for k, v in weights.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite(weights.state_dict())
     if not _everywhere(not bad, d):
         raise ValueError(f"step {step}: weight tensors hold NaN/inf ({bad[:3] or 'on another process'}); not "
                          f"writing {final}; the last good checkpoint is {_last_checkpoint(run.out)}")
@@ -681,7 +681,7 @@ def train(run, net, dataset, collate, cfg, d, eval_dataset=None, extra_eval=None
             if step % cfg.log_every == 0 or step == cfg.steps:
                 loss, ntp, flow, skipped = _mean(losses(out) + [window["skipped"]], d)
                 skipped = round(skipped * d.world)  # summed over processes
-                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                norm = float(_full(norm))
                 rate = window["steps"] * cfg.batch_size * d.world / window["time"]
                 lr = scheduler.get_last_lr()[0]
                 record = {"step": step, "loss": loss, "ntp_loss": ntp, "flow_loss": flow, "lr": lr, "grad_norm": norm,
@@ -710,10 +710,14 @@ def train(run, net, dataset, collate, cfg, d, eval_dataset=None, extra_eval=None
     return last
 
 
+def _full(norm):
+    """clip_grad_norm_'s total norm as a plain tensor (under FSDP it is a DTensor)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def _finite_step(loss, norm, d):
     """True on every process when this step's loss and gradient norm are finite on every process."""
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return _everywhere(bool(torch.isfinite(loss.detach()) and torch.isfinite(norm)), d)
+    return _everywhere(bool(torch.isfinite(loss.detach()) and torch.isfinite(_full(norm))), d)
 
 
 def _everywhere(ok, d):
@@ -726,7 +730,7 @@ def _everywhere(ok, d):
 
 def _non_finite_message(step, out, norm, run_dir):
     parts = ", ".join(f"{k} {out[k].item():.4g}" for k in ("loss", "ntp_loss", "flow_loss") if k in out)
-    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norm = float(_full(norm))
     return (f"step {step}: the loss or gradient is not finite ({parts}, grad norm {norm:.4g}); training stopped "
             f"without applying the step or saving it. The last good checkpoint is {_last_checkpoint(run_dir)}. "
             "Every sample was checked for NaN/inf as it was read, so the run diverged: lower --lr or raise --warmup")
