@@ -142,8 +142,8 @@ def bench_full(tok, args, device):
         set_trainable(full, train_cfg)
         full.grad_checkpointing = train_cfg.grad_checkpointing
         tower = full.vlm.model.vision_tower
-        tower.gradient_checkpointing_enable({"use_reentrant": False}) if train_cfg.grad_checkpointing \
-            else tower.gradient_checkpointing_disable()
+        tower.activation_checkpointing_enable({"use_reentrant": False}) if train_cfg.grad_checkpointing \
+            else tower.activation_checkpointing_disable()
         opt = make_optimizer(full, train_cfg)
         batch = random_batch(full, tok, args.full_batch, args.label_len, device)
 

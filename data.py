@@ -115,6 +115,11 @@ class _Resilient(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def __getitem__(self, index):
+        """index: an int (the epoch set by set_epoch), or (epoch, index) as trainer.EpochSampler
+        yields them to DataLoader workers, which set_epoch in the main process cannot reach."""
+        if isinstance(index, tuple):
+            epoch, index = index
+            self.set_epoch(epoch)
         for k in range(len(self) if self.skip_bad else 1):
             i = (index + k) % len(self)
             try:
@@ -366,7 +371,8 @@ class RobotDataset(_Resilient):
     (is_pad past the episode end, padded with the last action), instruction prompt, and with
     `trajectory=True` the stage-2 waypoint target. `stats`: None (raw values), a Stats applied to
     every dataset, or "auto" (each dataset's own cached Stats). `episodes`: use only the first N
-    episodes of each dataset (few-demonstration experiments)."""
+    episodes of each dataset (few-demonstration experiments). `paths` may hold sources already
+    opened by robot_formats.open_source (then used as they are: not opened twice)."""
 
     def __init__(self, paths, image_size, chunk=16, stride=3, cameras=("head", "left_wrist", "right_wrist"),
                  pose_tokenizer=None, trajectory=False, stats=None, traj=None, seed=0,
@@ -376,7 +382,7 @@ class RobotDataset(_Resilient):
             _check_tokenizer(pose_tokenizer, image_size)
         self.size, self.chunk, self.stride, self.tok = int(image_size), chunk, stride, pose_tokenizer
         self.trajectory, self.traj, self.seed, self.skip_bad = trajectory, traj, seed, skip_bad
-        self.sources = [open_source(p, episodes, skip_bad) for p in paths]
+        self.sources = [open_source(p, episodes, skip_bad) if isinstance(p, str) else p for p in paths]
         self.cameras = [[s.resolve_camera(c) for c in cameras] for s in self.sources]
         self.stats = [source_stats(s, cache_dir) if stats == "auto" else stats for s in self.sources]
         self.index, self.sizes = [], []
@@ -553,8 +559,9 @@ def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persis
     HDF5 and EGL handles with their locks but not the threads holding them, and can deadlock on its
     first read (a test hung this way). Spawned workers unpickle the dataset (RobotSource drops open
     handles), so the caller's script needs an `if __name__ == "__main__":` guard. `persistent` keeps
-    the workers (spawn start-up paid once) with the dataset copy they started with: after
-    `dataset.set_epoch` build a new loader. `kwargs` go to DataLoader (drop_last, generator, ...)."""
+    the workers (spawn start-up paid once) with the dataset copy they started with, so a later
+    `dataset.set_epoch` does not reach them: a sampler of (epoch, index) pairs does (trainer.py).
+    `kwargs` go to DataLoader (drop_last, generator, ...)."""
     if workers > 0:
         kwargs.update(multiprocessing_context="spawn", persistent_workers=persistent)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,

@@ -601,8 +601,9 @@ def build_model(config="tiny", bins=None, vlm_path=None, tokenizer_dir=None, **o
 
 
 def save_checkpoint(path, model, text_tokenizer, bins, extra=None):
-    """Write weights (safetensors), config JSON, tokenizer and bin edges to `path` atomically:
-    everything goes to `path.tmp` first, then one rename."""
+    """Write weights (safetensors), config JSON, tokenizer, bin edges and `extra` to `path`
+    atomically: everything goes to `path.tmp` first, then one rename. `extra`: file name -> a JSON
+    object, or a function that writes that file given its path (checkpoint.save: train_state.pt)."""
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -613,6 +614,9 @@ def save_checkpoint(path, model, text_tokenizer, bins, extra=None):
     text_tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     bins.save(os.path.join(tmp, "bins.json"))
     for name, obj in (extra or {}).items():
+        if callable(obj):
+            obj(os.path.join(tmp, name))
+            continue
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(obj, f, indent=1)
     if os.path.exists(path):
@@ -627,7 +631,7 @@ def save_checkpoint(path, model, text_tokenizer, bins, extra=None):
 
 def non_finite(state):
     """Names of the floating-point tensors of a state dict that hold NaN/inf: a checkpoint with any
-    is neither written (trainer.save) nor loaded."""
+    is neither written (checkpoint.save) nor loaded."""
     return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 

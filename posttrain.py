@@ -11,22 +11,28 @@ recipe.json (cameras, chunk, stride, layout), so evaluation sees the robot exact
 Without --init the policy starts from the plain VLM: --vlm DIR (PaliGemma), or for the tiny config
 on the built-in demos the tiny VLM (vlm.py, built on first use): the paper's baseline without pose
 pre-training. With --init, the checkpoint's weights, tokenizer
-and pose bins are used. The story: recipe -> data and statistics -> model -> loop (trainer.py).
+and pose bins are used. The story: recipe -> data and statistics -> model -> the loop (train,
+below).
 """
 import argparse
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+import vlm
+from checkpoint import (Run, check_out, check_start_checkpoints, parse_args, recipe_json, refuse_non_finite, restore,
+                        save, start_log, start_model)
 from data import Collator, RobotDataset, Stats, fit_bins, open_source, split_paths
 from errors import at_least, cli
 from formats import detect_format
 from sim_export import builtin_demos
 from tokenizer import PoseBins
-import vlm
-from trainer import (Run, add_train_args, check_out, check_start_checkpoints, default_rates, parse_args,
-                     recipe_json, set_trainable, setup_distributed, start_model, train, train_config, wrap)
+from trainer import (Batches, Log, StopFlag, add_train_args, autocast, default_rates, evaluate, make_optimizer,
+                     make_scheduler, probe_images, seed_everything, set_trainable, setup_distributed, to_device,
+                     train_config, wrap)
 
 
 @dataclass
@@ -113,6 +119,48 @@ def generic_bins(paths, skip_bad=False):
         return PoseBins(np.linspace(-1.0, 1.0, 257), np.linspace(0.0, 2.0, 257), np.linspace(0.0, 1.0, 257))
 
 
+def train(run, net, train_ds, eval_ds, collate, cfg, d, resume=None):
+    """Optimise `net` (run.model, maybe wrapped) for cfg.steps steps (method.md §7.1: AdamW, warm-up
+    + cosine, grad-norm clip, bf16 autocast on CUDA); returns the last checkpoint. A --resume run
+    continues exactly (checkpoint.restore); a fresh one logs the image probe at step 0 first."""
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(run.model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    batches = Batches(train_ds, collate, cfg, d)
+    seed_everything(cfg.seed + 1000 * d.rank)  # own flow noise per process, the same data order
+    step = restore(resume, run, optimizer, scheduler, batches, cfg, d) if resume else start_log(run, d)
+    last, evaluating = None, eval_ds is not None and cfg.eval_every
+    with Log(run.out, step, cfg, d) as log, StopFlag() as stop:
+        if evaluating and not resume:  # at init: what training changes
+            log.write({"step": 0, **probe_images(run, eval_ds, collate, cfg, d)}, echo=False)
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            skipped = batch.pop("skipped", 0)
+            batch = to_device(batch, d.device)
+            t1 = time.perf_counter()
+            with autocast(d.device):
+                out = net(batch, action_weight=cfg.action_weight)
+            out["loss"].backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            refuse_non_finite(step + 1, out, norm, run.out, d)  # a NaN/inf step is never applied
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log.timed(t1 - t0, time.perf_counter() - t0, skipped)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.train(step, out, norm, scheduler.get_last_lr()[0])
+            if evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
+                log.write({"step": step, **evaluate(run, net, eval_ds, collate, cfg, d)})
+            stopping = stop.agreed(d)  # Ctrl-C or SIGTERM on any process
+            if stopping or step % cfg.save_every == 0 or step == cfg.steps:
+                last = save(run, step, optimizer, scheduler, batches, cfg, d)
+            if stopping:
+                stop.exit(step, last, run.out, d)
+    return last
+
+
 def main(argv=None):
     args = parse_args(build_parser, argv, need=("stats.json",))
     args.out = args.out or os.path.join("runs", f"posttrain_{args.robot}")
@@ -134,7 +182,7 @@ def main(argv=None):
                          f"the model has {model.cfg.n_views} views")
     kw = dict(image_size=model.cfg.image_size, chunk=recipe.chunk, stride=recipe.stride, cameras=cameras,
               stats=stats, seed=args.seed, skip_bad=args.skip_bad)
-    train_ds = RobotDataset(paths, episodes=args.episodes, **kw)
+    train_ds = RobotDataset(srcs, **kw)  # the sources opened above (with --episodes)
     eval_ds = RobotDataset(eval_paths, **kw) if eval_paths else None
     cfg = train_config(args)
     set_trainable(model, cfg)
@@ -143,7 +191,7 @@ def main(argv=None):
                        recipe.stride, srcs[0])
     run = Run(model, tok, bins, args.out, vars(args),
               {"recipe.json": info, "stats.json": {"state": stats.state, "action": stats.action}})
-    last = train(run, net, train_ds, Collator(tok, max_dim=model.cfg.max_dim), cfg, d, eval_ds, resume=args.resume)
+    last = train(run, net, train_ds, eval_ds, Collator(tok, max_dim=model.cfg.max_dim), cfg, d, resume=args.resume)
     if d.main:
         print(f"done: {last}")
     return run

@@ -16,7 +16,7 @@ the action loss weighted x10.
     torchrun --nproc_per_node=8 pretrain.py --config paligemma-3b --vlm DIR --data A,B,C --fsdp ...
 
 The story: flags -> data (built-in scenes generated on first use) -> bins -> model (-> the vision
-tower's own objective, stage vlm) -> loop (trainer.py) -> for stage 1, decoded pose tuples next to
+tower's own objective, stage vlm) -> the loop (train, below) -> for stage 1, decoded pose tuples next to
 the truth and an overlay PNG. Stage 1's held-out monitor: recall and pose errors of the greedily
 decoded tuples, 2D recall and centre error, and the error of the most likely <loc> under teacher
 forcing (greedy decoding hides a location the model half knows behind <no_object>), next to always
@@ -25,11 +25,14 @@ answering the image centre.
 import argparse
 import itertools
 import os
+import time
 
 import numpy as np
 import torch
 
 import vlm
+from checkpoint import (Run, check_out, check_start_checkpoints, parse_args, recipe_json, refuse_non_finite, restore,
+                        save, start_log, start_model)
 from data import Collator, fit_bins, open_datasets, split_paths
 from errors import at_least, cli
 from draw import overlay, stack
@@ -37,8 +40,9 @@ from formats import detect_format
 from metrics import centre_errors, centre_summary
 from sim_export import builtin_demos, builtin_grounding
 from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
-from trainer import (Run, add_train_args, check_out, check_start_checkpoints, default_rates, parse_args, recipe_json,
-                     set_trainable, setup_distributed, start_model, to_device, train, train_config, wrap)
+from trainer import (Batches, Log, StopFlag, add_train_args, autocast, default_rates, evaluate, make_optimizer,
+                     make_scheduler, probe_images, seed_everything, set_trainable, setup_distributed, to_device,
+                     train_config, wrap)
 
 MAX_NEW_TOKENS = 200  # a few tuples of ~16 tokens in each of 3 views
 # Default --steps per stage. The tiny VLM's decoder needs the longest: its most likely <loc> is
@@ -229,6 +233,51 @@ def report(samples, size, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# The loop
+
+def train(run, net, train_ds, eval_ds, collate, cfg, d, extra_eval, resume=None):
+    """Optimise `net` (run.model, maybe wrapped) for cfg.steps steps (method.md §7.1: AdamW, warm-up
+    + cosine, grad-norm clip, bf16 autocast on CUDA); returns the last checkpoint. A --resume run
+    continues exactly (checkpoint.restore); a fresh one logs the image probe at step 0 first."""
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(run.model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    batches = Batches(train_ds, collate, cfg, d)
+    seed_everything(cfg.seed + 1000 * d.rank)  # own flow noise per process, the same data order
+    step = restore(resume, run, optimizer, scheduler, batches, cfg, d) if resume else start_log(run, d)
+    last, evaluating = None, eval_ds is not None and cfg.eval_every
+    with Log(run.out, step, cfg, d) as log, StopFlag() as stop:
+        if evaluating and not resume:  # at init: what training changes
+            log.write({"step": 0, **probe_images(run, eval_ds, collate, cfg, d)}, echo=False)
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            skipped = batch.pop("skipped", 0)
+            batch = to_device(batch, d.device)
+            t1 = time.perf_counter()
+            with autocast(d.device):
+                out = net(batch, action_weight=cfg.action_weight)
+            out["loss"].backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            refuse_non_finite(step + 1, out, norm, run.out, d)  # a NaN/inf step is never applied
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log.timed(t1 - t0, time.perf_counter() - t0, skipped)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.train(step, out, norm, scheduler.get_last_lr()[0])
+            if evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
+                log.write({"step": step, **evaluate(run, net, eval_ds, collate, cfg, d), **extra_eval()})
+            stopping = stop.agreed(d)  # Ctrl-C or SIGTERM on any process
+            if stopping or step % cfg.save_every == 0 or step == cfg.steps:
+                last = save(run, step, optimizer, scheduler, batches, cfg, d)
+            if stopping:
+                stop.exit(step, last, run.out, d)
+    return last
+
+
+# ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(build_parser, argv)
@@ -259,14 +308,14 @@ def main(argv=None):
     if eval_ds is not None and args.stage != "motion" and args.show > 0:
         show = sorted({int(i) for i in np.linspace(0, len(eval_ds) - 1, args.show)})
 
-    def extra_eval(run, d):  # decoded-tuple errors (rank 0; FSDP shards cannot generate alone)
+    def extra_eval():  # decoded-tuple errors (rank 0; FSDP shards cannot generate alone)
         if not show or not d.main or cfg.fsdp:
             return {}
         probe = list(range(min(len(eval_ds), cfg.eval_batches * cfg.batch_size)))  # evaluate()'s samples
         return {**tuple_errors(decode_samples(model, tok, pose_tok, eval_ds, show, d.device), model.cfg.image_size),
                 **loc_argmax_errors(model, tok, eval_ds, probe, d.device, cfg.batch_size)}
 
-    last = train(run, net, train_ds, Collator(tok), cfg, d, eval_ds, extra_eval, resume=args.resume)
+    last = train(run, net, train_ds, eval_ds, Collator(tok), cfg, d, extra_eval, resume=args.resume)
     if d.main:
         print(f"done: {last}")
         if show and not cfg.fsdp:

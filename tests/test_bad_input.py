@@ -37,6 +37,7 @@ import eval_sim  # noqa: E402
 import posttrain  # noqa: E402
 import pretrain  # noqa: E402
 import sim_export  # noqa: E402
+import checkpoint  # noqa: E402
 import trainer  # noqa: E402
 from data import RobotDataset, Stats  # noqa: E402
 from errors import cli  # noqa: E402
@@ -410,11 +411,11 @@ def test_save_refuses_non_finite_weights(fx, tmp_path):
     with torch.no_grad():
         model.state_proj.weight[0, 0] = float("inf")
     optimizer = torch.optim.AdamW(model.parameters())
-    run = trainer.Run(model, tok, bins, str(tmp_path), {}, {})
+    run = checkpoint.Run(model, tok, bins, str(tmp_path), {}, {})
     cfg = trainer.TrainConfig()
     with pytest.raises(ValueError, match="state_proj.weight.*not writing"):
-        trainer.save(run, 3, optimizer, trainer.make_scheduler(optimizer, cfg), SimpleNamespace(state_dict=dict),
-                     cfg, trainer.Dist())
+        checkpoint.save(run, 3, optimizer, trainer.make_scheduler(optimizer, cfg), SimpleNamespace(state_dict=dict),
+                        cfg, trainer.Dist())
     assert os.listdir(tmp_path) == []
 
 
@@ -445,7 +446,7 @@ def test_skip_bad_trains_past_bad_frames_and_resumes_a_run_they_stopped(fx, tmp_
     out, argv = str(tmp_path / "run"), [*POST, "--data", root, "--steps", "6", "--save-every", "1", "--seed", "1"]
     status, message = run_cli(posttrain.main, argv + ["--out", out], capsys)
     assert status == 1 and "'observation.images.head': cannot decode" in message and "row 1" in message, message
-    stopped = trainer.checkpoints(out)
+    stopped = checkpoint.checkpoints(out)
     assert stopped and not any(n.endswith((".partial", ".tmp")) for n in os.listdir(out))
     posttrain.main(["--resume", out, "--skip-bad"])  # the same run, past the bad frames
     log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]

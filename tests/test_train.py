@@ -1,4 +1,4 @@
-"""pretrain.py / posttrain.py / trainer.py on tiny configurations and small built-in data.
+"""pretrain.py / posttrain.py / trainer.py / checkpoint.py on tiny configurations and small built-in data.
 
 The data are written by sim_export into tmp_path (few scenes and episodes, small images); every run
 is the real script's main() or the script itself in a subprocess (Ctrl-C, torchrun).
@@ -235,6 +235,64 @@ def test_fsdp_two_processes_train_save_and_resume(data, tmp_path):
     assert [r["step"] for r in probes] == [0, 3] and probes == records(again, "eval_img_action_delta")
 
 
+def grounding_batches(path, workers, steps, state=None):
+    """(Batches, the first `steps` batches) over a small grounding set, batch 4, one process."""
+    from data import Collator, GroundingDataset, fit_bins
+    from tokenizer import PoseTokenizer, build_tiny_tokenizer
+    from trainer import Batches, Dist, TrainConfig
+    ds = GroundingDataset(path, PoseTokenizer(fit_bins(path, n_bins=16), 112), 112)
+    batches = Batches(ds, Collator(build_tiny_tokenizer()), TrainConfig(batch_size=4, workers=workers), Dist())
+    if state is not None:
+        batches.load_state_dict(state)
+    return batches, [next(batches) for _ in range(steps)]
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+def test_batches_run_epoch_after_epoch_through_one_loader_and_resume_anywhere(data, monkeypatch):
+    """One DataLoader for three epochs; each epoch is MixtureSampler's order cut to whole batches,
+    its samples built for that epoch (as dataset.set_epoch(epoch) then dataset[i] builds them), and
+    a run resumed from any position (an epoch's end included) draws the same batches next."""
+    from data import Collator, MixtureSampler
+    from tokenizer import build_tiny_tokenizer
+    made = []
+
+    class Counted(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Counted)
+    probe, _ = grounding_batches(data["g"], 0, 0)
+    per_epoch = probe.sampler.per_epoch // 4
+    assert 2 <= per_epoch < len(probe.loader.dataset) / 4 + 1
+    made.clear()
+    batches, seen = grounding_batches(data["g"], 0, 3 * per_epoch + 1)
+    assert len(made) == 1 and batches.state_dict() == {"epoch": 3, "consumed": 4}
+    ds, collate = batches.loader.dataset, Collator(build_tiny_tokenizer())
+    for epoch in range(3):
+        order = MixtureSampler(ds.sizes, seed=0).indices(epoch)
+        ds.set_epoch(epoch)
+        for b in (0, per_epoch - 1):
+            assert same(seen[epoch * per_epoch + b], collate([ds[int(i)] for i in order[4 * b:4 * b + 4]]))
+    assert not torch.equal(seen[0]["images"], seen[per_epoch]["images"])  # a new epoch: a new order and crops
+    for epoch, consumed in ((0, 4), (0, 4 * per_epoch), (1, 4 * (per_epoch - 1))):
+        k = epoch * per_epoch + consumed // 4
+        _, again = grounding_batches(data["g"], 0, 3, {"epoch": epoch, "consumed": consumed})
+        assert all(same(a, b) for a, b in zip(again, seen[k:k + 3]))
+
+
+def test_batches_from_a_worker_match_the_main_process_across_an_epoch(data):
+    """A spawned DataLoader worker, told the epoch by the sampler, builds exactly the batches the
+    main process does, before and after an epoch boundary."""
+    probe, _ = grounding_batches(data["g"], 0, 0)
+    steps = probe.sampler.per_epoch // 4 + 2
+    _, main = grounding_batches(data["g"], 0, steps)
+    _, worker = grounding_batches(data["g"], 1, steps)
+    assert all(same(a, b) for a, b in zip(main, worker))
+
+
 def test_trainable_switches(data):
     import numpy as np
     from model import build_model
@@ -303,7 +361,7 @@ def test_start_model_from_init_can_drop_the_priors(stage1):
     """--no-priors with --init: the checkpoint's ray and depth embedders are removed (RGB only),
     everything else is the checkpoint's; without it they stay."""
     import argparse
-    from trainer import start_model
+    from checkpoint import start_model
     args = dict(resume=None, init=stage1, seed=0, config=None, vlm=None)
     kept, _, _ = start_model(argparse.Namespace(**args, no_priors=False), None)
     rgb, _, _ = start_model(argparse.Namespace(**args, no_priors=True), None)
