@@ -44,6 +44,7 @@ import posttrain
 import pretrain
 import sim
 import sim_export
+from checkpoint import checkpoints
 from errors import cli, read_json
 from trainer import Dist, generate_once
 
@@ -125,8 +126,7 @@ def final_checkpoint(run_dir, steps):
 def train_step(ledger, name, main, run_dir, steps, argv):
     """A pretrain/posttrain run: skipped when its last checkpoint exists, resumed when it has any."""
     def work():
-        has_any = os.path.isdir(run_dir) and any(n.startswith("step_") and not n.endswith(".partial")
-                                                 for n in os.listdir(run_dir))
+        has_any = os.path.isdir(run_dir) and bool(checkpoints(run_dir))  # a staged step_*.tmp is none
         main(["--resume", run_dir] if has_any else argv + ["--out", run_dir])
     ledger.run(name, lambda: os.path.isdir(final_checkpoint(run_dir, steps)), work)
     return final_checkpoint(run_dir, steps)

@@ -23,11 +23,17 @@ import torch.distributed as dist
 
 from errors import read_file, read_json
 from model import CONFIGS, build_model, load_checkpoint, non_finite, save_checkpoint
-from trainer import RESUME_OVERRIDES, everywhere, full_norm, gather, rng_state, seed_everything, set_rng_state
+from trainer import everywhere, full_norm, gather, rng_state, seed_everything, set_rng_state
 
 
 # ----------------------------------------------------------------------------------------------
 # Where a run starts
+
+# Flags that may differ from the saved ones on --resume; everything else must match (exactness).
+# --skip-bad may be turned on to get past a bad sample that stopped the run (until it, nothing differs).
+RESUME_OVERRIDES = {"resume", "out", "steps", "workers", "eval_every", "save_every", "keep", "log_every",
+                    "skip_bad"}
+
 
 def parse_args(build_parser, argv=None, need=()):
     """Parse flags; with --resume, start from the checkpoint's train_args.json and allow only
@@ -273,7 +279,8 @@ def refuse_non_finite(step, out, norm, run_dir, d):
     if everywhere(bool(torch.isfinite(out["loss"].detach()) and torch.isfinite(full_norm(norm))), d):
         return
     parts = ", ".join(f"{k} {out[k].item():.4g}" for k in ("loss", "ntp_loss", "flow_loss") if k in out)
-    raise ValueError(f"step {step}: the loss or gradient is not finite ({parts}, grad norm {float(full_norm(norm)):.4g}); "
+    norm = float(full_norm(norm))
+    raise ValueError(f"step {step}: the loss or gradient is not finite ({parts}, grad norm {norm:.4g}); "
                      "training stopped without applying the step or saving it. The last good checkpoint is "
                      f"{last_checkpoint(run_dir)}. Every sample was checked for NaN/inf as it was read, so the run "
                      "diverged: lower --lr or raise --warmup")

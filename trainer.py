@@ -75,10 +75,6 @@ PEAK_LR = {"tiny": 1e-3, "paligemma-3b": 2.5e-5}
 # The vision tower's share of it: the tiny VLM's tower is slowed x10 after its own phase, as
 # PaliGemma protects its encoder (at 1e-3 the tiny tower collapses); the full model trains all alike.
 VISION_LR_SCALE = {"tiny": 0.1, "paligemma-3b": 1.0}
-# Flags that may differ from the saved ones on --resume; everything else must match (exactness).
-# --skip-bad may be turned on to get past a bad sample that stopped the run (until it, nothing differs).
-RESUME_OVERRIDES = {"resume", "out", "steps", "workers", "eval_every", "save_every", "keep", "log_every",
-                    "skip_bad"}
 # The smallest value of each numeric flag, refused by argparse below it (--lr: at or below it).
 FLAG_MINIMUM = {"steps": 1, "batch_size": 1, "warmup": 0, "eval_every": 0, "save_every": 1, "keep": 1,
                 "log_every": 1, "workers": 0, "lr": 0.0, "vision_lr_scale": 0.0}
@@ -124,7 +120,6 @@ def add_train_args(p, **defaults):
 
 def train_config(args):
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-
 
 
 def default_rates(args, cfg):
