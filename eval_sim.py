@@ -384,6 +384,8 @@ def parse(argv=None):
     p.add_argument("--no-depth", action="store_true", help="do not feed depth (ablation)")
     p.add_argument("--seed", type=int, default=0, help="policy noise seed (LIBERO uses its protocol seed 7)")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--compile", action="store_true", help="sample through fast.FastSampler (bf16 weights on CUDA, "
+                   "the Euler loop compiled; the first chunk pays the compile time)")
     p.add_argument("--out", default=None, help="output folder (default outputs/eval/<sim>_<time>)")
     p.add_argument("--grounding", action="store_true", help="3D grounding evaluation instead of closed loop")
     p.add_argument("--data", default=None, help="grounding: held-out Omni3D/BOP data (split 'val')")
@@ -416,17 +418,20 @@ def main(argv=None):
         libero_env.check_suite(args.suite)
         libero_env.require_libero()  # fail before loading the model
         policy = Policy(args.ckpt, robots=("libero",), exec_steps=args.exec_steps, use_rays=not args.no_rays,
-                        use_depth=not args.no_depth, seed=libero_env.SEED, device=args.device)
-        protocol.update(exec_steps=policy.exec_steps, rays=not args.no_rays, depth=not args.no_depth)
+                        use_depth=not args.no_depth, seed=libero_env.SEED, device=args.device,
+                        compile=args.compile)
+        protocol.update(exec_steps=policy.exec_steps, rays=not args.no_rays, depth=not args.no_depth,
+                        compile=args.compile)
         results = Results(os.path.join(args.out, "results.json"), protocol)
         libero_env.run_libero(args, policy, results, run_protocol)
     else:
         tabletop_tasks(args)
         policy = Policy(args.ckpt, robots=("tabletop",), exec_steps=args.exec_steps, use_rays=not args.no_rays,
-                        use_depth=not args.no_depth, seed=args.seed, device=args.device)
+                        use_depth=not args.no_depth, seed=args.seed, device=args.device,
+                        compile=args.compile)
         check_tabletop_cameras(args, policy)
         protocol.update(exec_steps=policy.exec_steps, chunk=policy.recipe["chunk"], stride=policy.recipe["stride"],
-                        rays=not args.no_rays, depth=not args.no_depth, policy_seed=args.seed)
+                        rays=not args.no_rays, depth=not args.no_depth, policy_seed=args.seed, compile=args.compile)
         results = Results(os.path.join(args.out, "results.json"), protocol)
         run_tabletop(args, policy, results)
     results.report()

@@ -8,7 +8,8 @@ Reading order:
   2. preprocess(): the training data path exactly: fusion.letterbox (K updated), data.tensors
      (image in [-1, 1], ray map from the letterboxed K, metric depth prior), z-scored state, then
      data.Collator (prompt = <bos> + instruction + "\\n", state zero-padded to max_dim);
-  3. plan(): model.sample_actions (10 Euler steps, prefix cached), de-normalise the first Da dims,
+  3. plan(): model.sample_actions (10 Euler steps, prefix cached; with compile=True the same through
+     fast.FastSampler: bf16 weights on CUDA, the loop compiled), de-normalise the first Da dims,
      and expand the chunk to control rate: the training chunk holds every s-th frame, so absolute
      end-effector chunks (tabletop, RoboTwin) are interpolated linearly between those frames
      (quaternions by nlerp), which is how the demonstrations moved between them;
@@ -27,6 +28,7 @@ import torch
 
 from data import Collator, Stats, View, tensors
 from errors import read_json
+from fast import FastSampler
 from fusion import letterbox
 from model import load_checkpoint
 from robot_formats import ARMS
@@ -81,7 +83,8 @@ def expand_chunk(chunk, stride, quat_slices=()):
 class Policy:
     """Checkpoint in, actions out. `robots`: the recipe robots this caller can drive."""
 
-    def __init__(self, ckpt, robots=None, exec_steps=None, use_rays=True, use_depth=True, seed=0, device="cpu"):
+    def __init__(self, ckpt, robots=None, exec_steps=None, use_rays=True, use_depth=True, seed=0, device="cpu",
+                 compile=False):
         if not os.path.isdir(ckpt):
             raise FileNotFoundError(f"{ckpt}: checkpoint directory not found")
         self.recipe = read_recipe(ckpt)
@@ -119,6 +122,9 @@ class Policy:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.queue, self.last_plan, self.last_batch, self.last_boxes = deque(), None, None, None
         self.chunk_seconds = []
+        # compile=True: sample through fast.FastSampler (bf16 weights on CUDA, the Euler loop compiled);
+        # the default is the eager reference, model.sample_actions.
+        self.sampler = FastSampler(self.model) if compile else None
 
     # --- observation -> batch ------------------------------------------------------------------
     def preprocess(self, views, state, prompt):
@@ -164,7 +170,10 @@ class Policy:
         """The sampled chunk for a preprocessed batch and a given noise: (H, Da) raw actions, as the
         model wrote them (before valid_actions and the expansion to control rate)."""
         with torch.no_grad():
-            norm = self.model.sample_actions(batch, noise=noise.to(self.device))[0, :, :self.recipe["action_dim"]]
+            if self.sampler is not None:
+                norm = self.sampler(batch, noise)[0, :, :self.recipe["action_dim"]]
+            else:
+                norm = self.model.sample_actions(batch, noise=noise.to(self.device))[0, :, :self.recipe["action_dim"]]
         return self.stats.unnormalize(norm.float().cpu().numpy(), "action", f"{self.ckpt}/stats.json")
 
     def act(self, views, state, prompt):
@@ -194,8 +203,9 @@ class Policy:
         `view`, as (name, (u, v) input-image pixels, t camera frame); [] when nothing decodes."""
         if self.last_batch is None or max_new_tokens <= 0:
             return []
+        batch = self.last_batch if self.sampler is None else self.sampler.prepare(self.last_batch)  # model dtype
         with torch.no_grad():
-            ids = self.model.generate(self.last_batch, max_new_tokens=max_new_tokens)[0]
+            ids = self.model.generate(batch, max_new_tokens=max_new_tokens)[0]
         text = self.text_tok.decode(ids.tolist(), skip_special_tokens=True)
         decoded = self.pose_tok.decode(text, n_views=len(self.cameras))
         scale, offset = self.last_boxes[view]

@@ -38,7 +38,8 @@ def get_model(usr_args):
     Policy = _import_policy(usr_args.get("posevla_root"))
     return Policy(usr_args["ckpt_dir"], robots=("robotwin",), exec_steps=usr_args.get("exec_steps"),
                   use_rays=usr_args.get("use_rays", True), use_depth=usr_args.get("use_depth", True),
-                  seed=int(usr_args.get("seed") or 0), device=usr_args.get("device", "cpu"))
+                  seed=int(usr_args.get("seed") or 0), device=usr_args.get("device", "cpu"),
+                  compile=bool(usr_args.get("compile", False)))
 
 
 def encode_obs(observation, cameras):

@@ -2,9 +2,10 @@
 untrained weights drives the real simulators (protocol tests, not success rates).
 
 Catches: preprocessing that differs from training (K, rays, prompt), actions left normalised or
-quaternions interpolated the long way round, re-planning at the wrong step, results that mix up
-seeds or lose finished episodes, a 180-degree LIBERO rotation applied to the image but not to K,
-quaternion order (xyzw vs wxyz), RoboTwin depth left in millimetres, AP that ignores tuple scores."""
+quaternions interpolated the long way round, re-planning at the wrong step, a compiled Policy that
+plans differently, results that mix up seeds or lose finished episodes, a 180-degree LIBERO
+rotation applied to the image but not to K, quaternion order (xyzw vs wxyz), RoboTwin depth left
+in millimetres, AP that ignores tuple scores."""
 import json
 import os
 import sys
@@ -139,6 +140,17 @@ def test_action_queue_replans_every_exec_steps(make_ckpt):
     assert not p.queue and p.last_plan is None
     with pytest.raises(ValueError, match="exec_steps"):
         Policy(ck, exec_steps=11)
+
+
+def test_compiled_policy_plans_the_same_actions(make_ckpt):
+    """compile=True samples through fast.FastSampler: the eager reference's plans, prompt for prompt."""
+    ck = make_ckpt("compiled", action_std=1.0)
+    eager, fast = Policy(ck, seed=5), Policy(ck, seed=5, compile=True)
+    views = synthetic_views()
+    for prompt in ("pick up the red cube", "x"):  # two prompt lengths, one padded prefix shape
+        want = eager.plan(views, np.zeros(16), prompt)
+        np.testing.assert_allclose(fast.plan(views, np.zeros(16), prompt), want, atol=1e-5)
+    assert fast.sampler is not None and eager.sampler is None
 
 
 def test_swap_sensitivity_measures_image_use_in_cm(make_ckpt):
