@@ -2,8 +2,8 @@
 
 The readable reference is model.PoseVLA.sample_actions (eager, per-step denoise_step). This file
 runs the same computation for speed:
-  1. prepare once: eval mode, requires_grad off, weights cast to bf16 on CUDA (fp32 on CPU), so no
-     per-call autocast over fp32 weights;
+  1. prepare once: eval mode, requires_grad off, parameters cast to bf16 on CUDA (fp32 on CPU; the
+     RoPE frequency buffers stay fp32), so no per-call autocast over fp32 weights;
   2. static shapes: the prompt is right-padded to a multiple of `prompt_len` tokens (padding keys
      are never attended, so the result is unchanged) and the batch is fixed by the caller, so the
      prefix KV cache has one shape and the compiled graphs never recompile;
@@ -30,7 +30,9 @@ class FastSampler:
     def __init__(self, model: PoseVLA, compile=True, prompt_len=32):
         device = next(model.parameters()).device
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = model.eval().requires_grad_(False).to(self.dtype)
+        self.model = model.eval().requires_grad_(False)
+        for p in model.parameters():  # buffers (the RoPE frequencies) stay fp32; tied weights stay tied
+            p.data = p.data.to(self.dtype)
         self.device, self.prompt_len = device, prompt_len
         self.prefix_fn, self.denoise_fn = self.prefix, self.denoise
         if compile:

@@ -201,6 +201,8 @@ CASES = [
          "0", "--out", out], 2, "--episodes", before="ValueError traceback"),
     case("bench.py --repeats 0", bench.main, lambda fx, t, out: ["--repeats", "0"], 2, "--repeats",
          before="StatisticsError traceback, after the first benchmark ran"),
+    case("bench.py --batch-sizes 4,0", bench.main, lambda fx, t, out: ["--batch-sizes", "4,0"], 2, "--batch-sizes",
+         before="a sweep that trains at batch 0"),
     # checkpoint, config, stats, recipe and train-state files: one line naming the file
     case("truncated model.safetensors", eval_sim.main, lambda fx, t, out: ["--ckpt", ckpt_with(
          fx, t, "model.safetensors", truncate), "--out", out, *EVAL], 1, "model.safetensors", "safetensors weights",
