@@ -27,9 +27,10 @@ FLOAT_KEYS = ("images", "rays", "depth", "state")
 
 
 class FastSampler:
-    def __init__(self, model: PoseVLA, compile=True, prompt_len=32):
+    def __init__(self, model: PoseVLA, compile=True, prompt_len=32, dtype=None):
+        """Prepares `model` in place (its parameters are cast); dtype: bf16 on CUDA, fp32 elsewhere."""
         device = next(model.parameters()).device
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.model = model.eval().requires_grad_(False)
         for p in model.parameters():  # buffers (the RoPE frequencies) stay fp32; tied weights stay tied
             p.data = p.data.to(self.dtype)
