@@ -169,10 +169,11 @@ def batch_sweep(name, model, tok, args, device):
         try:
             rows.append(train_throughput(name, model, tok, b, args, device, what="train step (sweep)"))
         except torch.OutOfMemoryError:
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
             rows.append({"model": name, "what": "train step (sweep)", "batch": b, "oom": True})
             break
+    model.zero_grad(set_to_none=True)  # after the except block, which held the failed step's frames
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -233,6 +234,9 @@ def print_table(rows, device):
         line += f"{r['cpu_ms'][0]:>9.1f}{r['cpu_ms'][1]:>8.1f}" if cpu else ""
         print(line + f"{fmt(r, 'samples_s'):>11}{fmt(r, 'tokens_s', spec='.0f'):>10}"
               f"{fmt(r, 'tflop_per_step', spec='.3f'):>11}{fmt(r, 'mfu', 100):>7}{fmt(r, 'peak_memory_gib', spec='.2f'):>9}")
+    fit = [r["batch"] for r in rows if r["what"] == "train step (sweep)" and not r.get("oom")]
+    if fit:
+        print(f"largest training batch of the sweep that fit: {max(fit)}")
     for r in rows:
         if "compile_s" in r:
             print(f"{r['model']}: first compiled chunk (compile included) {r['compile_s']:.1f} s; "
