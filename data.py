@@ -541,6 +541,8 @@ class Collator:
             labels = [self._ids(it["target"]) + [self.eos] if it["target"] else [] for it in items]
             batch["label_ids"], batch["label_mask"] = self._pad(labels)
         batch["skipped"] = sum(it.get("skipped", 0) for it in items)
+        if all("teacher_tokens" in it for it in items):  # vlm.Teacher's ideal image tokens
+            batch["teacher_tokens"] = torch.from_numpy(np.stack([it["teacher_tokens"] for it in items]))
         if all("state" in it for it in items):
             batch["state"] = torch.from_numpy(np.stack([self._dim(it["state"], "state") for it in items]))
         if all("actions" in it for it in items):

@@ -263,6 +263,8 @@ class PoseVLA(nn.Module):
                             batch["has_rays"].flatten() if "has_rays" in batch else None,
                             batch["has_depth"].flatten() if "has_depth" in batch else None, views=V)
         img = self.vlm.model.multi_modal_projector(feats).view(B, V, -1, self.lm.config.hidden_size)  # (B, V, P, W)
+        if "use_teacher" in batch:  # the tiny VLM's decoder phase: ideal tokens for some samples (vlm.Teacher)
+            img = torch.where(batch["use_teacher"][:, None, None, None], batch["teacher_tokens"].to(img.dtype), img)
         start = self.lm.embed_tokens(torch.tensor(self.cfg.image_start_ids[:V], device=images.device))  # (V, W)
         end = self.lm.embed_tokens(torch.tensor(self.cfg.image_end_ids[:V], device=images.device))
         tokens = torch.cat([start[None, :, None].expand(B, -1, -1, -1).to(img.dtype), img,

@@ -2,7 +2,8 @@
 
 Stage 0, `--stage vlm` (tiny configuration only, vlm.py): the small pre-trained VLM that plays
 PaliGemma's role on a laptop: the vision tower learns a dense objective of its own, then the
-decoder learns to write names and 2D boxes with the tower frozen. `python pretrain.py` builds it
+decoder learns to write names and 2D boxes with the tower frozen, reading ideal image tokens for a
+share of each batch that falls to 0 over --teacher-steps (vlm.Teacher). `python pretrain.py` builds it
 into --cache on first use and starts stage 1 from it.
 Stage 1, `--stage grounding`: next-token prediction of object pose tuples on 3D datasets (Omni3D
 JSON or BOP; each image becomes three pseudo-views, data.GroundingDataset), mixed with weights
@@ -64,6 +65,9 @@ def build_parser():
                         "data with the tiny config defaults to the tiny VLM in --cache, built on first use)")
     p.add_argument("--vision-steps", type=at_least(1), default=vlm.VisionConfig.steps,
                    help="stage vlm: steps of the vision tower's own dense objective before the decoder joins")
+    p.add_argument("--teacher-steps", type=at_least(0), default=1000,
+                   help="stage vlm: decoder steps over which the share of samples that read ideal image tokens "
+                        "instead of the tower's falls from 1 to 0 (vlm.Teacher; 0: the tower's from the start)")
     p.add_argument("--cache", default="data_cache", help="folder for the generated built-in data")
     p.add_argument("--n-bins", type=at_least(1), default=256,
                    help="pose bins per quantity, fitted on the training data (paper: 2048)")
@@ -235,10 +239,11 @@ def report(samples, size, path):
 # ----------------------------------------------------------------------------------------------
 # The loop
 
-def train(run, net, train_ds, eval_ds, collate, cfg, d, extra_eval, resume=None):
+def train(run, net, train_ds, eval_ds, collate, cfg, d, extra_eval, resume=None, teacher_steps=0):
     """Optimise `net` (run.model, maybe wrapped) for cfg.steps steps (method.md §7.1: AdamW, warm-up
     + cosine, grad-norm clip, bf16 autocast on CUDA); returns the last checkpoint. A --resume run
-    continues exactly (checkpoint.restore); a fresh one logs the image probe at step 0 first."""
+    continues exactly (checkpoint.restore); a fresh one logs the image probe at step 0 first.
+    teacher_steps (stage vlm): ideal image tokens for a share of each batch, 1 -> 0 over these steps."""
     params = [p for p in run.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(run.model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -254,6 +259,9 @@ def train(run, net, train_ds, eval_ds, collate, cfg, d, extra_eval, resume=None)
             batch = next(batches)
             skipped = batch.pop("skipped", 0)
             batch = to_device(batch, d.device)
+            if teacher_steps:  # vlm.Teacher: the tiny VLM's decoder reads ideal tokens first
+                share = vlm.teacher_share(step, teacher_steps)
+                batch["use_teacher"] = torch.rand(len(batch["images"]), device=d.device) < share
             t1 = time.perf_counter()
             with autocast(d.device):
                 out = net(batch, action_weight=cfg.action_weight)
@@ -301,6 +309,9 @@ def main(argv=None):
         model.to(d.device)
         vlm.pretrain_vision(model, train_ds, tok, vlm.VisionConfig(steps=args.vision_steps, seed=args.seed), eval_ds,
                            d.device)
+    if args.stage == "vlm":  # the decoder learns to read the tower: rows held, ideal tokens first
+        train_ds = vlm.Teacher(train_ds, model, tok)
+        vlm.hold_rows(model, vlm.held_rows(tok, train_ds.targets.words))
     set_trainable(model, cfg)
     net = wrap(model, cfg, d)
     run = Run(model, tok, bins, args.out, vars(args), {"recipe.json": recipe(args, train_ds, model.cfg)})
@@ -315,7 +326,8 @@ def main(argv=None):
         return {**tuple_errors(decode_samples(model, tok, pose_tok, eval_ds, show, d.device), model.cfg.image_size),
                 **loc_argmax_errors(model, tok, eval_ds, probe, d.device, cfg.batch_size)}
 
-    last = train(run, net, train_ds, eval_ds, Collator(tok), cfg, d, extra_eval, resume=args.resume)
+    last = train(run, net, train_ds, eval_ds, Collator(tok), cfg, d, extra_eval, resume=args.resume,
+                 teacher_steps=args.teacher_steps if args.stage == "vlm" else 0)
     if d.main:
         print(f"done: {last}")
         if show and not cfg.fsdp:

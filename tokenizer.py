@@ -27,6 +27,7 @@ from errors import read_json
 
 N_LOC = 1024     # PaliGemma's <loc0000>..<loc1023>
 N_ROT = 360      # 1 degree per bin over [-pi, pi)
+NO_OBJECT = "<no_object>"  # a negative view's answer; the tiny VLM's background patches become its row
 MAX_VIEWS = 16   # decode ignores view indices beyond this (guards against garbage like <image999>)
 # Used only when fitting without sizes (trajectory-only data never emits size tokens): tabletop range.
 DEFAULT_SIZE_RANGE = (0.0, 1.0)
@@ -202,7 +203,7 @@ def pose_tokens(bins, n_views):
     """Every token the pose text needs beyond PaliGemma's vocabulary, in a fixed order."""
     n = bins.n_bins
     return ([f"<image{i}>" for i in range(n_views)] + [f"</image{i}>" for i in range(n_views)]
-            + ["<no_object>"] + [f"<transXY{i:04d}>" for i in range(n)] + [f"<transZ{i:04d}>" for i in range(n)]
+            + [NO_OBJECT] + [f"<transXY{i:04d}>" for i in range(n)] + [f"<transZ{i:04d}>" for i in range(n)]
             + [f"<size{i:04d}>" for i in range(n)] + [f"<rot{i:03d}>" for i in range(N_ROT)])
 
 
@@ -247,7 +248,7 @@ class Decoded:
 _MARK = re.compile(r"<(/?)image(\d{1,3})>")
 _TOKEN = re.compile(r"<(loc|transXY|transZ|size|rot)(\d+)>")
 _FRAGMENT = re.compile(r"([^<>]*?)((?:<[A-Za-z]+\d+>)+)")
-_NEGATIVE = re.compile(r"([^<>]*?)<no_object>")
+_NEGATIVE = re.compile(r"([^<>]*?)" + NO_OBJECT)
 _DIGITS = {"loc": 4, "transXY": 4, "transZ": 4, "size": 4, "rot": 3}
 
 
@@ -308,7 +309,7 @@ class PoseTokenizer:
 
     def encode_negative(self, class_name, n_views):
         name = self._name(class_name)
-        return "".join(f"<image{i}> {name}<no_object></image{i}>" for i in range(n_views))
+        return "".join(f"<image{i}> {name}{NO_OBJECT}</image{i}>" for i in range(n_views))
 
     def encode_trajectory(self, views):
         """views: list (per camera) of lists of Waypoint, kept in the given (temporal) order."""
