@@ -27,7 +27,8 @@ from errors import BAD_INPUT, at_least, cli, read_json
 from formats import GROUNDING_FORMATS, ROBOT_FORMATS, detect_format, load_scenes
 from draw import draw_views
 from fusion import box_corners, depth_prior, image_to_tensor, letterbox, project, ray_map
-from robot_formats import ARMS, open_source
+import ee16
+from robot_formats import open_source
 from tokenizer import ObjectPose, PoseBins, PoseTokenizer, Waypoint, quat_to_matrix
 
 
@@ -353,7 +354,8 @@ def view_waypoints(action, t, K, cam2world, image_hw, cam, traj=None):
     steps = np.minimum(t + traj.every * np.arange(1, traj.count + 1) - 1, len(action) - 1)
     own = "left" if "left" in cam else "right" if "right" in cam else None
     Rcw, tcw, out = cam2world[:3, :3], cam2world[:3, 3], []
-    for arm, pos, quat in (a for a in ARMS if own in (None, a[0])):
+    for arm in (a for a in ee16.ARMS if own in (None, a)):
+        pos, quat = ee16.position(arm), ee16.quaternion(arm)
         Rw = quat_to_matrix(action[steps, quat])  # (k, 3, 3)
         pw = action[steps, pos] + Rw @ np.asarray(traj.tcp_offset, float)  # (k, 3)
         pc = (pw - tcw) @ Rcw  # (k, 3) = Rcw^T (pw - tcw)

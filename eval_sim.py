@@ -27,9 +27,10 @@ import sys
 import time
 
 import numpy as np
+import ee16
 from draw import draw_points, overlay, save_gif, world_to_pixels
 from errors import at_least, cli
-from metrics import CENTRE_HIT, Box, centre_errors, centre_summary, evaluate
+from metrics import CENTRE_HIT, centre_errors, centre_summary, evaluate, grounding_pairs
 
 EVAL_SEED0 = 100_000  # demonstrations use env seeds 0, 1, 2, ... (sim_export.write_demos): never overlap
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -136,8 +137,8 @@ def plan_marks(policy, head, tokens):
     if wps:
         return [(uv, (40, 255, 40)) for _, uv, _ in wps]
     marks = []
-    for arm, colour in ((slice(0, 3), (255, 140, 0)), (slice(8, 11), (0, 160, 255))):
-        uv, front = world_to_pixels(policy.last_plan[:, arm], head["K"], head["cam2world"])
+    for arm, colour in zip(ee16.ARMS, ((255, 140, 0), (0, 160, 255))):
+        uv, front = world_to_pixels(policy.last_plan[:, ee16.position(arm)], head["K"], head["cam2world"])
         marks += [(p, colour) for p, ok in zip(uv, front) if ok]
     return marks
 
@@ -293,20 +294,6 @@ def scored_decode(text_tok, pose_tok, ids, logps, n_views):
             close()
     close()
     return out, scores
-
-
-def grounding_pairs(decoded, views, scores=None):
-    """Per view: (predicted Boxes, ground-truth Boxes) for metrics.evaluate. scores: per view, one
-    confidence per decoded tuple (scored_decode); without them every prediction ranks equally."""
-    from tokenizer import quat_to_matrix
-    pairs = []
-    for v, view in enumerate(views):
-        conf = scores[v] if scores is not None else [1.0] * len(decoded.views[v])
-        preds = [Box(d.t, d.size, quat_to_matrix(d.quat), d.name, score=c)
-                 for d, c in zip(decoded.views[v], conf) if d.size is not None]
-        gts = [Box(o.t, o.size, o.R, o.name) for o in view.objects]
-        pairs.append((preds, gts))
-    return pairs
 
 
 def run_grounding(args, protocol):

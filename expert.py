@@ -28,7 +28,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from sim import ARMS, CAMERAS, CONTROL_HZ, TabletopEnv, down_quat, mat_to_quat
+import ee16
+from sim import CAMERAS, CONTROL_HZ, TabletopEnv, down_quat, mat_to_quat
 from tokenizer import nlerp
 
 
@@ -49,13 +50,13 @@ def _other_arm(arm):
 
 
 def _set(cmd, arm, pos=None, quat=None, grip=None):
-    out, k = cmd.copy(), 8 * ARMS.index(arm)
+    out = cmd.copy()
     if pos is not None:
-        out[k:k + 3] = pos
+        out[ee16.position(arm)] = pos
     if quat is not None:
-        out[k + 3:k + 7] = quat
+        out[ee16.quaternion(arm)] = quat
     if grip is not None:
-        out[k + 7] = grip
+        out[ee16.gripper(arm)] = grip
     return out
 
 
@@ -67,7 +68,7 @@ def side_quat(sign):
 
 
 def _tcp(cmd, arm):
-    return cmd[8 * ARMS.index(arm):8 * ARMS.index(arm) + 3].copy()
+    return cmd[ee16.position(arm)].copy()
 
 
 def _geometry(env, i):
@@ -220,8 +221,8 @@ class ScriptedExpert:
         self.i += 1
         f = self.i / n
         out = (1 - f) * self.start + f * self.goal
-        for k in (3, 11):  # keep quaternions unit length
-            out[k:k + 4] = nlerp(self.start[k:k + 4], self.goal[k:k + 4], f)
+        for q in ee16.QUATERNIONS:  # keep quaternions unit length
+            out[q] = nlerp(self.start[q], self.goal[q], f)
         if self.i == n:
             self.phase, self.i = self.phase + 1, 0
         return out

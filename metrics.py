@@ -179,6 +179,19 @@ def average_precision(images, threshold):
 
 
 # ----------------------------------------------------------------------------- pose errors
+def nearest_pairs(truth, pred):
+    """Greedy one-to-one pairs (truth ObjectPose, predicted DecodedTuple) without a threshold: same
+    name, nearest translation first come first served (stage 1's monitor: errors of what was found)."""
+    pairs, free = [], list(pred)
+    for o in truth:
+        same = [p for p in free if p.name == o.name and p.t is not None]
+        if same:
+            best = min(same, key=lambda p: np.linalg.norm(p.t - o.t))
+            free.remove(best)
+            pairs.append((o, best))
+    return pairs
+
+
 def rotation_error_deg(R1, R2):
     c = (np.trace(np.asarray(R1).T @ np.asarray(R2)) - 1) / 2
     return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
@@ -211,6 +224,21 @@ def evaluate(images, thresholds=IOU_THRESHOLDS):
         hits = sum(e["rot_deg"] <= deg + 1e-9 and e["trans_cm"] <= 5 + 1e-9 for e in errors)
         out[f"{deg}deg5cm"] = hits / n_gt if n_gt else float("nan")
     return out
+
+
+def grounding_pairs(decoded, views, scores=None):
+    """Per view of a decoded sample: (predicted Boxes, ground-truth Boxes), the input of evaluate.
+    scores: per view, one confidence per decoded tuple (eval_sim.scored_decode); without them every
+    prediction ranks equally. Tuples without a size (2D boxes only) are not 3D predictions."""
+    from tokenizer import quat_to_matrix
+    pairs = []
+    for v, view in enumerate(views):
+        conf = scores[v] if scores is not None else [1.0] * len(decoded.views[v])
+        preds = [Box(d.t, d.size, quat_to_matrix(d.quat), d.name, score=c)
+                 for d, c in zip(decoded.views[v], conf) if d.size is not None]
+        gts = [Box(o.t, o.size, o.R, o.name) for o in view.objects]
+        pairs.append((preds, gts))
+    return pairs
 
 
 # ----------------------------------------------------------------------------------------------

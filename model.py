@@ -151,6 +151,15 @@ def attention_mask(kinds, valid):
     return allowed | torch.eye(T, dtype=torch.bool, device=kinds.device)[None]
 
 
+def token_positions(kinds, valid):
+    """(B, T) RoPE positions of the same sequence: a running count of the real tokens, where the
+    suffix skips the labels (it never sees them, and at inference there are none), so a state or
+    action token sits at the same position in training and in sampling."""
+    text = valid.long().cumsum(1) - 1                                           # prefix and labels
+    suffix = (valid & (kinds != LABEL)).long().cumsum(1) - 1                    # labels skipped
+    return torch.where(kinds >= STATE, suffix, text).clamp(min=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # One joint layer
 
@@ -273,17 +282,22 @@ class PoseVLA(nn.Module):
         return tokens.flatten(1, 2), valid.flatten(1, 2)
 
     def embed_prefix(self, batch):
-        """Images then prompt: (B, Tp, W) embeddings and (B, Tp) validity."""
+        """Images then prompt: (B, Tp, W) embeddings, (B, Tp) kinds (all PREFIX) and validity."""
         img, img_valid = self.embed_views(batch)
         prompt = self.lm.embed_tokens(batch["prompt_ids"]).to(img.dtype)
-        return torch.cat([img, prompt], dim=1), torch.cat([img_valid, batch["prompt_mask"]], dim=1)
+        valid = torch.cat([img_valid, batch["prompt_mask"]], dim=1)
+        return torch.cat([img, prompt], dim=1), torch.full_like(valid, PREFIX, dtype=torch.long), valid
 
     def embed_suffix(self, state, x_t, t):
-        """State token + H noisy-action tokens conditioned on flow time t: (B, 1+H, We)."""
+        """State token + H noisy-action tokens conditioned on flow time t: (B, 1+H, We) embeddings,
+        (B, 1+H) kinds (STATE, then ACTION) and validity (all real)."""
         s = self.state_proj(state)[:, None]                                     # (B, 1, We)
         a = self.action_in_proj(x_t)                                            # (B, H, We)
         te = time_embedding(t, self.cfg.expert_width).to(a.dtype)[:, None].expand_as(a)  # (B, H, We)
-        return torch.cat([s, self.action_time_mlp(torch.cat([a, te], dim=-1))], dim=1)
+        tokens = torch.cat([s, self.action_time_mlp(torch.cat([a, te], dim=-1))], dim=1)
+        B, Ts = tokens.shape[:2]
+        kinds = torch.tensor([STATE] + [ACTION] * (Ts - 1), device=tokens.device).expand(B, -1)
+        return tokens, kinds, torch.ones(B, Ts, dtype=torch.bool, device=tokens.device)
 
     # --- the joint stack -----------------------------------------------------------------------
     def run_layers(self, vlm_h, exp_h, positions, mask, past=None):
@@ -301,34 +315,23 @@ class PoseVLA(nn.Module):
             kvs.append(kv)
         return vlm_h, exp_h, kvs
 
-    @staticmethod
-    def prefix_positions(valid):
-        return (torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)             # running count of real tokens
-
     # --- training ------------------------------------------------------------------------------
     def joint_forward(self, batch, suffix=None):
         """One pass over [prefix | labels (if any) | suffix (if given)] with the mask of method.md §5.4.
-        suffix: (B, 1+H, We) expert tokens or None. Returns (vlm hiddens over prefix+labels,
-        expert hiddens or None, prefix validity)."""
-        prefix, p_valid = self.embed_prefix(batch)                              # (B, Tp, W)
-        B, dev = p_valid.shape[0], p_valid.device
-        n_prefix = p_valid.sum(1, keepdim=True)                                 # (B, 1)
-        streams, kinds = [prefix], [torch.full_like(p_valid, PREFIX, dtype=torch.long)]
-        valid, positions = [p_valid], [self.prefix_positions(p_valid)]
+        suffix: embed_suffix's (tokens, kinds, validity) or None. Returns (vlm hiddens over
+        prefix+labels, expert hiddens or None, prefix validity)."""
+        prefix, p_kinds, p_valid = self.embed_prefix(batch)                     # (B, Tp, W), (B, Tp) x2
+        streams, kinds, valid = [prefix], [p_kinds], [p_valid]
         if batch.get("label_ids") is not None:
-            l_valid = batch["label_mask"]
-            streams.append(self.lm.embed_tokens(batch["label_ids"]).to(prefix.dtype))
-            kinds.append(torch.full_like(l_valid, LABEL, dtype=torch.long))
-            valid.append(l_valid)
-            positions.append(n_prefix + torch.cumsum(l_valid.long(), 1) - 1)
+            streams.append(self.lm.embed_tokens(batch["label_ids"]).to(prefix.dtype))  # (B, Tl, W)
+            kinds.append(torch.full_like(batch["label_ids"], LABEL))
+            valid.append(batch["label_mask"])
         if suffix is not None:
-            Ts = suffix.shape[1]
-            kinds.append(torch.tensor([STATE] + [ACTION] * (Ts - 1), device=dev).expand(B, -1))
-            valid.append(torch.ones(B, Ts, dtype=torch.bool, device=dev))
-            # Suffix positions ignore the labels, exactly as at inference where there are none.
-            positions.append(n_prefix + torch.arange(Ts, device=dev)[None])
-        mask = attention_mask(torch.cat(kinds, 1), torch.cat(valid, 1))
-        vlm_h, exp_h, _ = self.run_layers(torch.cat(streams, 1), suffix, torch.cat(positions, 1), mask)
+            kinds.append(suffix[1])
+            valid.append(suffix[2])
+        kinds, valid = torch.cat(kinds, 1), torch.cat(valid, 1)                 # (B, T)
+        vlm_h, exp_h, _ = self.run_layers(torch.cat(streams, 1), None if suffix is None else suffix[0],
+                                          token_positions(kinds, valid), attention_mask(kinds, valid))
         return vlm_h, exp_h, p_valid
 
     def forward(self, batch, action_weight=1.0, noise=None, time=None):
@@ -345,7 +348,7 @@ class PoseVLA(nn.Module):
                 beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
                 time = (0.999 * beta.sample((B,)) + 0.001).to(actions)           # (B,), t=1 is pure noise
             x_t = time[:, None, None] * noise + (1 - time[:, None, None]) * actions
-            suffix = self.embed_suffix(batch["state"], x_t, time)               # (B, 1+H, We)
+            suffix = self.embed_suffix(batch["state"], x_t, time)               # (tokens, kinds, validity)
         vlm_h, exp_h, p_valid = self.joint_forward(batch, suffix)
         out, total = {}, 0.0
         if batch.get("label_ids") is not None:
@@ -386,22 +389,19 @@ class PoseVLA(nn.Module):
     @torch.no_grad()
     def encode_prefix(self, batch):
         """Prefix keys/values for every layer, computed once. Returns (kv list, valid, last hidden)."""
-        prefix, p_valid = self.embed_prefix(batch)
-        kinds = torch.full_like(p_valid, PREFIX, dtype=torch.long)
-        vlm_h, _, kvs = self.run_layers(prefix, None, self.prefix_positions(p_valid), attention_mask(kinds, p_valid))
+        prefix, kinds, p_valid = self.embed_prefix(batch)
+        vlm_h, _, kvs = self.run_layers(prefix, None, token_positions(kinds, p_valid), attention_mask(kinds, p_valid))
         return kvs, p_valid, vlm_h
 
     @torch.no_grad()
     def denoise_step(self, kvs, p_valid, state, x_t, t):
         """Velocity v(x_t, t) with the cached prefix. x_t: (B, H, D); t: (B,)."""
-        suffix = self.embed_suffix(state, x_t, t)                               # (B, 1+H, We)
-        B, Ts = suffix.shape[:2]
-        kinds = torch.cat([torch.full_like(p_valid, PREFIX, dtype=torch.long),
-                           torch.tensor([STATE] + [ACTION] * (Ts - 1), device=x_t.device).expand(B, -1)], 1)
-        valid = torch.cat([p_valid, torch.ones(B, Ts, dtype=torch.bool, device=x_t.device)], 1)
+        suffix, s_kinds, s_valid = self.embed_suffix(state, x_t, t)             # (B, 1+H, We), (B, 1+H) x2
+        Ts = suffix.shape[1]
+        kinds = torch.cat([torch.full_like(p_valid, PREFIX, dtype=torch.long), s_kinds], 1)  # (B, Tp+Ts)
+        valid = torch.cat([p_valid, s_valid], 1)
         mask = attention_mask(kinds, valid)[:, -Ts:]                            # (B, Ts, Tp+Ts)
-        positions = p_valid.sum(1, keepdim=True) + torch.arange(Ts, device=x_t.device)[None]
-        _, exp_h, _ = self.run_layers(None, suffix, positions, mask, past=kvs)
+        _, exp_h, _ = self.run_layers(None, suffix, token_positions(kinds, valid)[:, -Ts:], mask, past=kvs)
         return self.velocity(exp_h)
 
     @torch.no_grad()

@@ -32,14 +32,14 @@ from errors import read_json
 from fast import FastSampler
 from fusion import letterbox
 from model import load_checkpoint
-from robot_formats import ARMS
+import ee16
 from tokenizer import PoseTokenizer, nlerp
 
 RECIPE_KEYS = ("robot", "cameras", "chunk", "stride", "state_dim", "action_dim", "image_size")
-# Both robots act in the ee16 layout of robot_formats.ARMS: (arm, xyz, wxyz) slices.
-QUAT_SLICES = {robot: tuple(q for _, _, q in ARMS) for robot in ("tabletop", "robotwin")}
-POSITION_SLICES = {robot: tuple(p for _, p, _ in ARMS) for robot in ("tabletop", "robotwin")}  # metres
-GRIPPERS = {"tabletop": [7, 15], "robotwin": [7, 15]}  # opening in [0, 1], 1 = open
+# Both robots act in the ee16 layout (ee16.py); a robot not listed has no known quaternions or grippers.
+QUAT_SLICES = {robot: ee16.QUATERNIONS for robot in ("tabletop", "robotwin")}
+POSITION_SLICES = {robot: ee16.POSITIONS for robot in ("tabletop", "robotwin")}  # metres
+GRIPPERS = {robot: ee16.GRIPPERS for robot in ("tabletop", "robotwin")}  # opening in [0, 1], 1 = open
 
 
 def valid_actions(chunk, robot):

@@ -38,7 +38,7 @@ from data import Collator, fit_bins, open_datasets, split_paths
 from errors import at_least, cli
 from draw import overlay, stack
 from formats import detect_format
-from metrics import centre_errors, centre_summary
+from metrics import centre_errors, centre_summary, nearest_pairs, rotation_error_deg
 from sim_export import builtin_demos, builtin_grounding
 from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
 from trainer import (Batches, Log, StopFlag, add_train_args, autocast, default_rates, evaluate, make_optimizer,
@@ -143,18 +143,6 @@ def decode_samples(model, tok, pose_tok, ds, indices, device):
     return out
 
 
-def match(truth, pred):
-    """Greedy one-to-one pairs (truth ObjectPose, predicted DecodedTuple): same name, nearest t."""
-    pairs, free = [], list(pred)
-    for o in truth:
-        same = [p for p in free if p.name == o.name and p.t is not None]
-        if same:
-            best = min(same, key=lambda p: np.linalg.norm(p.t - o.t))
-            free.remove(best)
-            pairs.append((o, best))
-    return pairs
-
-
 def tuple_errors(samples, size):
     """Recall of true tuples, median translation error (cm) and rotation error (deg) of matches; 2D
     recall and median centre error (px) as metrics.centre_summary counts them."""
@@ -164,10 +152,9 @@ def tuple_errors(samples, size):
         centres += centre_errors(dec, views)
         for v, pred in zip(views, dec.views):
             n_true += len(v.objects)
-            for o, p in match(v.objects, pred):
+            for o, p in nearest_pairs(v.objects, pred):
                 trans.append(100 * np.linalg.norm(p.t - o.t))
-                cos = (np.trace(np.asarray(o.R).T @ quat_to_matrix(p.quat)) - 1) / 2
-                rot.append(np.degrees(np.arccos(np.clip(cos, -1, 1))))
+                rot.append(rotation_error_deg(o.R, quat_to_matrix(p.quat)))
     nan, two_d = float("nan"), centre_summary(centres, size)
     return {"eval_recall": len(trans) / max(n_true, 1), "eval_trans_err_cm": float(np.median(trans)) if trans else nan,
             "eval_rot_err_deg": float(np.median(rot)) if rot else nan, "eval_rejected": rejected,

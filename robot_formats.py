@@ -9,7 +9,7 @@ lazily; `camera` reads only K and camera->world (no image decoding, for fitting 
   - RoboTwin HDF5 in its three layouts (method.md §10.4); its endpose point sits 0.12 m behind the TCP
     (method.md §10.4). Its JPEG frames were encoded by OpenCV from RGB arrays that OpenCV took for BGR, so
     a standard decoder returns red and blue swapped; `decode_image(..., bgr=True)` swaps them back.
-Actions of an `ee16` source are world-frame end-effector poses in the 16-dim layout of `ARMS`.
+Actions of an `ee16` source are world-frame end-effector poses in the 16-dim layout of ee16.py.
 File handles (h5py, PyAV, parquet row groups) are opened lazily per process and never pickled, so
 every DataLoader worker opens its own. Every error names the file, the key and what was expected;
 NaN/inf in a state, action or camera array is refused with its episode and frame. With `skip_bad`
@@ -50,7 +50,6 @@ class Episode:
 CAMERA_ALIASES = {"head": ("head", "head_camera", "cam_head", "front", "image"),
                   "left_wrist": ("left_wrist", "left_camera", "cam_left_wrist"),
                   "right_wrist": ("right_wrist", "right_camera", "cam_right_wrist", "wrist_image")}
-ARMS = (("left", slice(0, 3), slice(3, 7)), ("right", slice(8, 11), slice(11, 15)))  # ee16: (arm, xyz, wxyz)
 
 
 class RobotSource:

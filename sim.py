@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import mujoco
 import numpy as np
 
+from ee16 import ARMS, DIM, NAMES, gripper, position, quaternion
 from tokenizer import nlerp
 
 TASKS = ("pick", "place", "push", "handover")
 SETTINGS = ("clean", "randomized")
 CAMERAS = ("head", "left_wrist", "right_wrist")
-ARMS = ("left", "right")
 CONTROL_HZ = 10          # RoboTwin-like control rate; one `step` = 0.1 s
 PHYSICS_DT = 0.002       # 2 ms keeps finger contacts stiff enough to hold objects by friction
 FINGER_TRAVEL = 0.045    # metres per finger; fully open gap = 2 * (travel + pad offset) = 9.4 cm
@@ -493,16 +493,16 @@ class TabletopEnv:
     # --- control
     def step(self, action):
         a = np.asarray(action, np.float64)
-        if a.shape != (16,) or not np.all(np.isfinite(a)):
-            raise ValueError(f"action must be 16 finite numbers [l_xyz, l_quat, l_grip, r_xyz, r_quat, r_grip], got shape {a.shape}")
+        if a.shape != (DIM,) or not np.all(np.isfinite(a)):
+            raise ValueError(f"action must be {DIM} finite numbers {NAMES} (ee16.py), got shape {a.shape}")
         d, start = self.data, self._cmd
         for s in range(self.n_sub):
             f = min(1.0, (s + 1) / (0.6 * self.n_sub))  # reach the target in 60 ms, then hold
             for k, arm in enumerate(ARMS):
-                lo, hi = start[8 * k:8 * k + 8], a[8 * k:8 * k + 8]
-                d.mocap_pos[self._mocap[arm]] = np.clip((1 - f) * lo[:3] + f * hi[:3], [-0.7, -0.6, -0.02], [0.7, 0.6, 0.7])
-                d.mocap_quat[self._mocap[arm]] = nlerp(lo[3:7] / np.linalg.norm(lo[3:7]), hi[3:7] / np.linalg.norm(hi[3:7]), f)
-                d.ctrl[2 * k:2 * k + 2] = FINGER_TRAVEL * np.clip(hi[7], 0.0, 1.0)
+                p, q = position(arm), quaternion(arm)
+                d.mocap_pos[self._mocap[arm]] = np.clip((1 - f) * start[p] + f * a[p], [-0.7, -0.6, -0.02], [0.7, 0.6, 0.7])
+                d.mocap_quat[self._mocap[arm]] = nlerp(start[q] / np.linalg.norm(start[q]), a[q] / np.linalg.norm(a[q]), f)
+                d.ctrl[2 * k:2 * k + 2] = FINGER_TRAVEL * np.clip(a[gripper(arm)], 0.0, 1.0)
             mujoco.mj_step(self.model, d)
         self._cmd = a.copy()
         self.t += 1

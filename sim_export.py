@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+import ee16
 import sim
 from errors import at_least, cli
 from expert import rollout, show
@@ -37,7 +38,7 @@ ANN_TO_BODY = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
 # Cube R-CNN corner order over (x, y, z) signs of (L/2, H/2, W/2).
 CORNER_SIGNS = np.array([[-1, -1, -1], [1, -1, -1], [1, 1, -1], [-1, 1, -1],
                          [-1, -1, 1], [1, -1, 1], [1, 1, 1], [-1, 1, 1]], np.float64)
-STATE_NAMES = [f"{arm}_{k}" for arm in sim.ARMS for k in ("x", "y", "z", "qw", "qx", "qy", "qz", "gripper")]
+STATE_NAMES = ee16.NAMES
 
 
 def png_bytes(array):

@@ -23,6 +23,7 @@ import policy as policy_mod  # noqa: E402
 import sim  # noqa: E402
 from data import Stats  # noqa: E402
 from fusion import letterbox, ray_map  # noqa: E402
+import metrics  # noqa: E402
 from metrics import centre_errors  # noqa: E402
 from model import build_model, save_checkpoint  # noqa: E402
 from policy import Policy, expand_chunk, valid_actions  # noqa: E402
@@ -280,7 +281,7 @@ def test_grounding_pairs_of_ground_truth_text_score_perfectly():
     lb = letterbox(np.zeros((112, 112, 3), np.uint8), np.eye(3), 112)
     views = [View(lb, (0, 0, 112, 112), objs), View(lb, (0, 0, 112, 112), [])]
     decoded = tok.decode(tok.encode_objects([v.objects for v in views]), n_views=2)
-    m = evaluate(eval_sim.grounding_pairs(decoded, views))
+    m = evaluate(metrics.grounding_pairs(decoded, views))
     assert m["n_gt"] == 2 and m["n_matched"] == 2 and m["AP@0.25"] == pytest.approx(1.0)
     assert m["rot_deg"] < 2.0 and m["5deg5cm"] == 1.0
 
@@ -331,9 +332,9 @@ def test_scored_decode_scores_each_tuple_by_its_tokens():
     assert decoded.n_rejected == 0
     # ranked by score, the confident true positive comes first: precision 1 at the first recall step
     views = [View(None, None, [near]), View(None, None, [far])]
-    m = evaluate(eval_sim.grounding_pairs(decoded, views, scores))
+    m = evaluate(metrics.grounding_pairs(decoded, views, scores))
     assert m["n_matched"] == 2 and m["AP@0.25"] == pytest.approx(1.0)
-    unscored = evaluate(eval_sim.grounding_pairs(decoded, views))  # ties: one operating point, precision 2/3
+    unscored = evaluate(metrics.grounding_pairs(decoded, views))  # ties: one operating point, precision 2/3
     assert unscored["AP@0.25"] < 0.7
 
 

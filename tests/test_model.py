@@ -12,7 +12,7 @@ from transformers import PaliGemmaForConditionalGeneration
 
 from model import (ACTION, LABEL, PREFIX, STATE, PoseVLA, attention_mask, build_model, count_parameters,
                    image_sensitivity, last_index, load_checkpoint, paligemma_3b_config, paligemma_dict,
-                   save_checkpoint)
+                   save_checkpoint, token_positions)
 from tokenizer import PoseBins, build_tiny_tokenizer, loc_tokens
 
 
@@ -53,6 +53,13 @@ def make_batch(model, tok, B=2, labels=("<image0>red cube</image0>", "<image0></
         batch["is_pad"] = torch.zeros(B, H, dtype=torch.bool)
         batch["is_pad"][1, H - 3:] = True
     return batch
+
+
+def test_token_positions_count_real_tokens_and_the_suffix_skips_labels():
+    # prefix of 3 with one padding slot, 2 labels (one padding), state, 2 actions
+    kinds = torch.tensor([[PREFIX, PREFIX, PREFIX, LABEL, LABEL, STATE, ACTION, ACTION]])
+    valid = torch.tensor([[True, False, True, True, False, True, True, True]])
+    assert token_positions(kinds, valid).tolist() == [[0, 0, 1, 2, 2, 2, 3, 4]]
 
 
 def test_attention_mask_matches_hand_written():
@@ -188,7 +195,7 @@ def test_cached_generation_equals_naive_greedy(tiny):
             one["label_mask"] = torch.ones(1, len(seq) + 1, dtype=torch.bool)
             with torch.no_grad():
                 logits = our_text_logits(model, one)
-            p_valid = model.embed_prefix(one)[1]
+            p_valid = model.embed_prefix(one)[2]
             # the next token comes from the last real token: the last prompt token, then the last label
             h_idx = int(last_index(p_valid)[0]) if not seq else p_valid.shape[1] + len(seq) - 1
             seq.append(int(logits[0, h_idx].argmax()))
