@@ -33,7 +33,7 @@ from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMS
 
 from errors import load_json, read_file
 from fusion import FusionConfig, GeometryFusion
-from tokenizer import PoseBins, build_tiny_tokenizer, extend_tokenizer
+from tokenizer import PoseBins, build_tiny_tokenizer, extend_tokenizer, value_token_groups
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,6 +62,8 @@ class PoseVLAConfig:
     # Token ids filled in by build_model from the text tokenizer.
     image_start_ids: list = field(default_factory=list)  # <image{i}>
     image_end_ids: list = field(default_factory=list)    # </image{i}>
+    # [first, end) id ranges of the value tokens: <loc>, then each pose quantity's bins (decode_step).
+    value_groups: list = field(default_factory=list)
     bos_id: int = 0
     eos_id: int = 1
     pad_id: int = 0
@@ -426,7 +428,7 @@ class PoseVLA(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens=256, return_scores=False):
-        """Greedy pose-text decoding with a KV cache. Returns (B, N) token ids, eos-padded, and with
+        """Greedy pose-text decoding (decode_step) with a KV cache. Returns (B, N) token ids, eos-padded, and with
         return_scores also (B, N) log-probabilities of the chosen tokens (0 after eos), from which
         a caller can score each decoded tuple (e.g. to rank detections for AP)."""
         kvs, p_valid, vlm_h = self.encode_prefix(batch)
@@ -437,7 +439,8 @@ class PoseVLA(nn.Module):
         ids, scores = [], []
         done = torch.zeros(B, dtype=torch.bool, device=p_valid.device)
         for _ in range(max_new_tokens):
-            best, tok = logp.max(-1)                                            # (B,), (B,)
+            tok = decode_step(logp, self.cfg.value_groups)                      # (B,)
+            best = logp.gather(1, tok[:, None])[:, 0]
             ids.append(torch.where(done, torch.full_like(tok, self.cfg.eos_id), tok))
             scores.append(torch.where(done, torch.zeros_like(best), best))
             done = done | (ids[-1] == self.cfg.eos_id)
@@ -450,6 +453,25 @@ class PoseVLA(nn.Module):
             pos = pos + 1
         ids = torch.stack(ids, dim=1)
         return (ids, torch.stack(scores, dim=1)) if return_scores else ids
+
+
+def decode_step(logp, groups):
+    """The next token from (B, V) log-probabilities, greedily, where each group of value tokens (a
+    [first, end) id range: the 1024 <loc> bins, a pose quantity's bins) competes as one token with
+    its total probability, and wins with its most likely member. Plain argmax would answer
+    <no_object> (or any text token) whenever the location is spread over a few neighbouring bins,
+    none of them alone as likely: a model that knows roughly where the object is would say it saw
+    none (RESULTS.md §2)."""
+    grouped = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device)
+    for first, end in groups:
+        grouped[first:end] = True
+    best, tok = logp.masked_fill(grouped, float("-inf")).max(-1)                # (B,) the best other token
+    for first, end in groups:
+        part = logp[:, first:end]                                               # (B, n)
+        mass = part.logsumexp(-1)                                               # (B,) the group as one token
+        wins = mass > best
+        best, tok = torch.where(wins, mass, best), torch.where(wins, first + part.argmax(-1), tok)
+    return tok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,7 +560,19 @@ def attach_tokenizer(cfg, text_tokenizer, bins):
     cfg.image_end_ids = [ids(f"</image{i}>") for i in range(cfg.n_views)]
     cfg.bos_id, cfg.eos_id = text_tokenizer.bos_token_id, text_tokenizer.eos_token_id
     cfg.pad_id = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else cfg.eos_id
+    cfg.value_groups = value_group_ranges(text_tokenizer, bins)
     return text_tokenizer
+
+
+def value_group_ranges(text_tokenizer, bins):
+    """[first, end) token-id range of each value-token group (tokenizer.value_token_groups)."""
+    ids, out = text_tokenizer.convert_tokens_to_ids, []
+    for group in value_token_groups(bins):
+        first, last = ids(group[0]), ids(group[-1])
+        if [ids(t) for t in group] != list(range(first, last + 1)):
+            raise ValueError(f"tokens {group[0]}..{group[-1]} do not have consecutive ids in the text tokenizer")
+        out.append([first, last + 1])
+    return out
 
 
 def init_new_tokens(vlm, first_new, n_tokens):
@@ -662,7 +696,9 @@ def load_checkpoint(path, map_location="cpu"):
     model.vlm.tie_weights()
     tok = read_file(os.path.join(path, "tokenizer"), "a text tokenizer folder (save_pretrained)",
                     AutoTokenizer.from_pretrained)
-    return model, tok, PoseBins.load(os.path.join(path, "bins.json"))
+    bins = PoseBins.load(os.path.join(path, "bins.json"))
+    cfg.value_groups = cfg.value_groups or value_group_ranges(tok, bins)  # checkpoints from before the field
+    return model, tok, bins
 
 
 def count_parameters(module):

@@ -207,6 +207,14 @@ def pose_tokens(bins, n_views):
             + [f"<size{i:04d}>" for i in range(n)] + [f"<rot{i:03d}>" for i in range(N_ROT)])
 
 
+def value_token_groups(bins):
+    """The token groups that each stand for one quantized value: <loc>, then each pose quantity's
+    bins. model.decode_step lets a group compete as one token."""
+    n = bins.n_bins
+    return [loc_tokens()] + [[f"<{kind}{i:04d}>" for i in range(n)] for kind in ("transXY", "transZ", "size")] + [
+        [f"<rot{i:03d}>" for i in range(N_ROT)]]
+
+
 # ----------------------------------------------------------------------------------------------
 # Encoding and decoding
 

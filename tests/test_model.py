@@ -12,7 +12,7 @@ from transformers import PaliGemmaForConditionalGeneration
 
 from model import (ACTION, LABEL, PREFIX, STATE, PoseVLA, attention_mask, build_model, count_parameters,
                    image_sensitivity, last_index, load_checkpoint, paligemma_3b_config, paligemma_dict,
-                   save_checkpoint, token_positions)
+                   decode_step, save_checkpoint, token_positions)
 from tokenizer import PoseBins, build_tiny_tokenizer, loc_tokens
 
 
@@ -182,6 +182,24 @@ def test_cached_sampling_equals_naive(tiny):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_decode_step_lets_a_value_group_compete_as_one_token():
+    # vocabulary: 3 text tokens (0-2), a 4-token value group (3-6), a 2-token group (7-8)
+    groups = [[3, 7], [7, 9]]
+    p = torch.tensor([[0.30, 0.05, 0.05, 0.15, 0.25, 0.15, 0.05, 0.0, 0.0],  # group 0.60 > text 0.30
+                      [0.50, 0.05, 0.05, 0.10, 0.10, 0.10, 0.05, 0.05, 0.0],  # text 0.50 > group 0.35
+                      [0.20, 0.05, 0.05, 0.10, 0.10, 0.05, 0.05, 0.10, 0.30]])  # second group 0.40 wins
+    logp = p.clamp(min=1e-9).log()
+    assert decode_step(logp, groups).tolist() == [4, 0, 8]     # the group's own most likely member
+    assert decode_step(logp, []).tolist() == [0, 0, 8]         # plain argmax without groups
+
+
+def test_value_groups_cover_the_value_tokens(tiny):
+    model, tok = tiny
+    loc = tok.convert_tokens_to_ids(["<loc0000>", "<loc1023>"])
+    assert model.cfg.value_groups[0] == [loc[0], loc[1] + 1] and len(model.cfg.value_groups) == 5
+    assert tok.convert_tokens_to_ids("<no_object>") not in range(*model.cfg.value_groups[0])
+
+
 def test_cached_generation_equals_naive_greedy(tiny):
     model, tok = tiny
     batch = make_batch(model, tok, labels=None, actions=False)
@@ -198,8 +216,9 @@ def test_cached_generation_equals_naive_greedy(tiny):
             p_valid = model.embed_prefix(one)[2]
             # the next token comes from the last real token: the last prompt token, then the last label
             h_idx = int(last_index(p_valid)[0]) if not seq else p_valid.shape[1] + len(seq) - 1
-            seq.append(int(logits[0, h_idx].argmax()))
-            best = logits[0, h_idx].log_softmax(-1).max()
+            logp = logits[0, h_idx].log_softmax(-1)
+            seq.append(int(decode_step(logp[None], model.cfg.value_groups)[0]))
+            best = logp[seq[-1]]
             torch.testing.assert_close(scores[b, len(seq) - 1], best, rtol=1e-4, atol=1e-4)
             if seq[-1] == model.cfg.eos_id:
                 break
