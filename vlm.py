@@ -222,7 +222,10 @@ def pretrain_vision(model, ground, text_tokenizer, cfg: VisionConfig, eval_groun
         pred = tokens(images)
         loss = token_loss(pred, patch_tokens(model, word_ids, words, box, background_id), words, box, cfg)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):  # as the training loops: never apply a NaN step
+            raise ValueError(f"vision step {step}: loss {loss.item():.4g}, grad norm {norm.item():.4g} is not finite; "
+                             "stopped before applying it (lower the learning rate)")
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ import os
 import pickle
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -130,6 +131,18 @@ def test_held_rows_do_not_move_others_do():
     moved, others = (emb.detach() != before).any(1), before.ne(0).any(1)     # the padding row is all zeros
     others[held] = False
     assert not moved[held].any() and moved[others].all()
+
+
+def test_vision_phase_refuses_a_non_finite_step(tmp_path):
+    """A diverging vision phase stops before applying the bad step: the tower stays finite."""
+    root = write_square_scenes(str(tmp_path / "sq"), 4, 0)
+    bins = fit_bins([root], n_bins=32)
+    model, tok = build_model("tiny", bins, n_views=1)
+    ground = GroundingDataset([root], PoseTokenizer(bins, S_GATE), S_GATE, n_views=1, neg_frac=0.0, targets="boxes")
+    with pytest.raises(ValueError, match="vision step 2: .* not finite"):
+        vlm.pretrain_vision(model, ground, tok, vlm.VisionConfig(steps=5, batch_size=2, lr=1e30, warmup=1),
+                            log=lambda s: None)
+    assert all(torch.isfinite(p).all() for p in model.vlm.model.vision_tower.parameters())
 
 
 def test_teacher_share_falls_linearly_to_zero():
