@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from convert import convert, is_released
 from errors import read_file, read_json
 from model import CONFIGS, build_model, load_checkpoint, non_finite, save_checkpoint
 from trainer import everywhere, full_norm, gather, rng_state, seed_everything, set_rng_state
@@ -73,13 +74,20 @@ def _given(build_parser, argv, names):
 
 def start_model(args, fit_bins_fn):
     """(model, text tokenizer, bins) from --resume, --init or fresh. Fresh: bins from fit_bins_fn(),
-    weights from --vlm or random, without priors under --no-priors. From --init, --no-priors drops
+    weights from --vlm or random, without priors under --no-priors. --init is one of our checkpoints
+    or released pi0 / Pose-VLA weights, converted on the way in (convert.py: bins from fit_bins_fn(),
+    the text tokenizer from --vlm, or the tiny config's own). From --init, --no-priors drops
     the checkpoint's ray and depth embedders (it was trained with prior dropout, so it works on RGB
     alone); --resume continues the run as it was."""
     if args.resume:
         return load_checkpoint(args.resume)
     if args.init:
-        model, tok, bins = load_checkpoint(resolve_checkpoint(args.init))
+        if is_released(args.init):  # pi0 / Pose-VLA weights: bins and tokenizer as for a fresh run
+            seed_everything(args.seed)
+            bins = fit_bins_fn()
+            model, tok, _ = convert(args.init, args.config or "paligemma-3b", bins, tokenizer_dir=args.vlm)
+        else:
+            model, tok, bins = load_checkpoint(resolve_checkpoint(args.init))
         if args.no_priors:
             model.cfg.use_rays = model.cfg.use_depth = False
             model.fusion.rays = model.fusion.depth = None
@@ -145,7 +153,7 @@ def check_start_checkpoints(args, resume_needs=()):
     checkpoints of the --config asked for (a --resume also holds `resume_needs`), and the full
     configuration has PaliGemma's weights to start from."""
     for ckpt, need in ((args.init, ()), (args.resume, resume_needs)):
-        if ckpt:
+        if ckpt and not (ckpt == args.init and is_released(ckpt)):  # released weights: convert.py checks them
             check_checkpoint(ckpt, args.config, need=need)
     if args.config == "paligemma-3b" and not (args.vlm or args.init or args.resume):
         raise ValueError("--config paligemma-3b needs --vlm DIR (a local google/paligemma-3b-pt-224)")
