@@ -43,14 +43,15 @@ Source tensors with no counterpart, dropped and listed in the report:
   - normalize_inputs.* / normalize_targets.* / unnormalize_outputs.*: another dataset's statistics
     (post-training here fits its own, stats.json);
   - embedding rows past the base text vocabulary (Pose-VLA's own pose tokens: its bins and token
-    names are not ours, and its tokenizer is not in the state dict).
+    names are not ours), except those of added tokens that a tokenizer saved next to the weights
+    (Pose-VLA's save_pretrained folder) names exactly as ours, e.g. <image0> ... </image2>.
 Ours with no source counterpart, kept as a fresh build_model makes them:
   - fusion.{rays,depth}.gate: our prior fusion normalises each embedded prior and scales it by a
     learned tanh(gate) (fusion.py); the released embedders add their raw output. The gate stays 0,
     so the converted model starts from the RGB features and learns how loud each prior is;
   - the whole fusion.* when the source has no prior embedders (pi0);
-  - embedding rows of tokens the source lacks (<image_i>, pose tokens): the mean of the copied rows
-    (model.init_new_tokens' rule).
+  - embedding rows of tokens the source lacks (pi0: <image_i>; always: our pose tokens): the mean
+    of the copied rows (model.init_new_tokens' rule).
 Everything else must be there with our shape, or `ConversionError` lists every missing key,
 unexpected key and shape mismatch (both shapes) at once. pi0.5 (adaRMS time conditioning,
 `time_mlp_*`, norms with `dense`) does not map onto this model and is reported as unexpected.
@@ -200,12 +201,14 @@ def is_released(path):
 # ----------------------------------------------------------------------------------------------
 # Mapping
 
-def map_state(src, target, n_base):
+def map_state(src, target, n_base, by_name=None):
     """Map source tensors onto `target` (our state dict: names -> tensors of the right shape and dtype).
 
     n_base: the size of the base text vocabulary (the tokenizer before pose tokens were added):
-    embedding rows below it are copied from the source, the others get the mean of the copied rows.
-    Returns (state for load_state_dict, report). Raises ConversionError listing every problem."""
+    embedding rows below it are copied from the source, the others get the mean of the copied rows,
+    except by_name {our id: source id}: added tokens both tokenizers have (token_pairs), whose
+    source rows are copied. Returns (state for load_state_dict, report). Raises ConversionError
+    listing every problem."""
     prefix = source_prefix(src)
     state, dropped, unexpected, mismatched = {}, {}, [], []
     token_matrix = {}
@@ -231,7 +234,7 @@ def map_state(src, target, n_base):
             unexpected.append(f"{key} (a second source for {name})")
         else:
             state[name] = value.to(target[name].dtype)
-    rows = _token_rows(token_matrix, target, n_base, state, mismatched)
+    rows = _token_rows(token_matrix, target, n_base, state, mismatched, by_name or {})
     fresh = [k for k in target if k.startswith("fusion.") and k not in state]
     prior_keys = [k for k in state if k.startswith("fusion.")]
     # Fresh is allowed for the gates always, for all of fusion.* when the source has no priors.
@@ -257,9 +260,10 @@ def _apply_rules(key):
     return None, None
 
 
-def _token_rows(token_matrix, target, n_base, state, mismatched):
+def _token_rows(token_matrix, target, n_base, state, mismatched, by_name):
     """Fill the tied token matrix from the source's embed_tokens (or lm_head when that is all it
-    stores): rows [0, min(R, n_base)) copied, the rest the mean of those."""
+    stores): rows [0, min(R, n_base)) copied, added tokens the source names too (by_name) copied
+    from their source rows, the rest the mean of the rows [0, min(R, n_base))."""
     if not token_matrix:
         return None  # reported as missing
     key, E = token_matrix.get("embed", token_matrix.get("lm_head"))
@@ -277,9 +281,12 @@ def _token_rows(token_matrix, target, n_base, state, mismatched):
     out = torch.empty_like(ours)
     out[:n] = E[:n].to(ours.dtype)
     out[n:] = out[:n].mean(0)
+    named = {ours_id: src_id for ours_id, src_id in by_name.items() if n <= ours_id < len(out) and src_id < len(E)}
+    for ours_id, src_id in named.items():
+        out[ours_id] = E[src_id].to(ours.dtype)
     state[EMBED] = out
-    return {"copied": n, "mean_initialised": ours.shape[0] - n, "source_rows_dropped": max(0, E.shape[0] - n_base),
-            "from": key}
+    return {"copied": n, "copied_by_name": len(named), "mean_initialised": ours.shape[0] - n - len(named),
+            "source_rows_dropped": max(0, E.shape[0] - n_base) - len(named), "from": key}
 
 
 def _problems(layout, missing, unexpected, mismatched, show=25):
@@ -325,16 +332,38 @@ def convert(src_path, config, bins, tokenizer_dir=None):
     n_base = len(AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tiny_tokenizer())
     model, tok = build_model(config, bins, tokenizer_dir=tokenizer_dir)
     target = {k: v for k, v in model.state_dict().items()}
-    state, report = map_state(src, target, n_base)
+    src_tok = source_tokenizer(src_path)
+    state, report = map_state(src, target, n_base, token_pairs(tok, src_tok, n_base) if src_tok else None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     left = [k for k in missing if k != LM_HEAD and k not in report["kept_fresh"]]
     if left or unexpected:  # map_state checked this; a model change would show here
         raise ConversionError(f"internal: not loaded {left[:5]}, unexpected {unexpected[:5]}")
     model.vlm.tie_weights()
+    report["source_tokenizer"] = src_tok.name_or_path if src_tok else None
     report["source"] = os.path.abspath(src_path)
     report["config"] = config
     report["tokenizer"] = tokenizer_dir or "tokenizer.build_tiny_tokenizer()"
     return model, tok, report
+
+
+def source_tokenizer(path):
+    """The tokenizer saved next to the source weights (Pose-VLA's save_pretrained folder has one),
+    or None. Only its added tokens are used: rows of tokens it shares with ours (token_pairs)."""
+    if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f)) for f in
+                                          ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: a tokenizer is there but does not load ({e}); remove it to convert "
+                              "without matching added tokens by name") from e
+
+
+def token_pairs(ours, theirs, n_base):
+    """{our id: source id} for the tokens past the base vocabulary that both tokenizers name alike
+    (e.g. Pose-VLA's <image0> ... </image2>; its pose tokens have other names and bins)."""
+    src = theirs.get_vocab()
+    return {i: src[name] for name, i in ours.get_vocab().items() if i >= n_base and src.get(name, -1) >= n_base}
 
 
 def main(argv=None):
@@ -349,8 +378,9 @@ def main(argv=None):
     model, tok, report = convert(args.src, args.config, PoseBins.load(args.bins), tokenizer_dir=args.tokenizer)
     save_checkpoint(args.out, model, tok, PoseBins.load(args.bins), extra={"convert.json": report})
     rows = report["embedding_rows"]
-    print(f"{report['layout']['name']}: {report['mapped']} tensors mapped; embedding rows copied {rows['copied']}, "
-          f"mean-initialised {rows['mean_initialised']}, source rows dropped {rows['source_rows_dropped']}")
+    print(f"{report['layout']['name']}: {report['mapped']} tensors mapped; embedding rows copied {rows['copied']} "
+          f"(+ {rows['copied_by_name']} added tokens by name), mean-initialised {rows['mean_initialised']}, "
+          f"source rows dropped {rows['source_rows_dropped']}")
     for why, entry in report["dropped"].items():
         print(f"dropped {entry['count']} ({why}), e.g. {entry['examples'][0]}")
     if report["kept_fresh"]:

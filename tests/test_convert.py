@@ -104,9 +104,19 @@ def source_state(layout, seed=0):
     return {(prefix + k if not k.startswith("model.") else k): val for k, val in sd.items()}
 
 
-def write_source(sd, folder):
+# Pose-VLA's save_pretrained folder holds its tokenizer: PaliGemma's plus its own added tokens, here
+# some of its pose tokens first (names we do not have) and then its view markers, in another order
+# than ours, so rows matched by position instead of by name would come out wrong.
+THEIR_ADDED = [f"<their_xy_{i}>" for i in range(7)] + [f"{s}image{i}>" for i in (2, 1, 0) for s in ("</", "<")]
+
+
+def write_source(sd, folder, tokenizer=False):
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "model.safetensors"))
+    if tokenizer:
+        tok = build_tiny_tokenizer()
+        tok.add_tokens(THEIR_ADDED)
+        tok.save_pretrained(folder)
     return folder
 
 
@@ -118,7 +128,7 @@ def converted(tmp_path_factory):
     def get(layout):
         if layout not in cache:
             sd = source_state(layout)
-            src = write_source(sd, str(tmp_path_factory.mktemp(layout)))
+            src = write_source(sd, str(tmp_path_factory.mktemp(layout)), tokenizer=layout == "posevla")
             model, tok, report = convert.convert(src, "tiny", tiny_bins())
             cache[layout] = (sd, model.eval(), tok, report)
         return cache[layout]
@@ -230,10 +240,14 @@ def test_vision_tower_projector_and_tied_embedding(converted):
     E = model.lm.embed_tokens.weight
     src = f32(sd["model." + TEXT["old"] + "embed_tokens.weight"])
     assert torch.equal(E[:N_BASE], src[:N_BASE])
-    assert torch.allclose(E[N_BASE:], src[:N_BASE].mean(0).expand(len(tok) - N_BASE, -1), atol=1e-6)
+    named = {tok.convert_tokens_to_ids(t): N_BASE + j for j, t in enumerate(THEIR_ADDED) if "image" in t}
+    for ours, theirs in named.items():  # <image_i> / </image_i>: the source's trained rows, found by name
+        assert torch.equal(E[ours], src[theirs])
+    rest = [i for i in range(N_BASE, len(tok)) if i not in named]
+    assert torch.allclose(E[rest], src[:N_BASE].mean(0).expand(len(rest), -1), atol=1e-6)
     assert model.vlm.lm_head.weight.data_ptr() == E.data_ptr()
-    assert report["embedding_rows"] == {"copied": N_BASE, "mean_initialised": len(tok) - N_BASE,
-                                        "source_rows_dropped": 40, "from": "model." + TEXT["old"] + "embed_tokens.weight"}
+    assert report["embedding_rows"] == {"copied": N_BASE, "copied_by_name": 6, "mean_initialised": len(rest),
+                                        "source_rows_dropped": 34, "from": "model." + TEXT["old"] + "embed_tokens.weight"}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -310,12 +324,12 @@ def test_converted_model_samples_actions_generates_and_reloads(converted, tmp_pa
     actions = model.sample_actions(batch, noise=noise)
     ids = model.generate(batch, max_new_tokens=5)
     assert actions.shape == noise.shape and torch.isfinite(actions).all() and ids.shape[0] == 2
-    src = write_source(sd, str(tmp_path / "src"))
+    src = write_source(sd, str(tmp_path / "src"), tokenizer=True)
     bins = tiny_bins()
     bins.save(str(tmp_path / "bins.json"))
     convert.main([src, "--out", str(tmp_path / "ckpt"), "--config", "tiny", "--bins", str(tmp_path / "bins.json")])
     with open(tmp_path / "ckpt" / "convert.json") as f:
-        assert json.load(f)["embedding_rows"]["source_rows_dropped"] == 40
+        assert json.load(f)["embedding_rows"]["source_rows_dropped"] == 34
     again, _, _ = load_checkpoint(str(tmp_path / "ckpt"))
     assert torch.equal(again.sample_actions(batch, noise=noise), actions)
 
@@ -323,6 +337,8 @@ def test_converted_model_samples_actions_generates_and_reloads(converted, tmp_pa
 def test_init_accepts_a_released_source_and_a_converted_checkpoint(converted, tmp_path):
     sd, model, _, _ = converted("openpi")
     src = write_source(sd, str(tmp_path / "pi0"))
+    with open(os.path.join(src, "config.json"), "w") as f:  # a lerobot policy folder has its own config.json
+        json.dump({"type": "pi0", "chunk_size": 50}, f)
     args = SimpleNamespace(resume=None, init=src, no_priors=False, seed=0, config="tiny", vlm=None)
     checkpoint.check_start_checkpoints(args)
     started, _, bins = checkpoint.start_model(args, tiny_bins)
