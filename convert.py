@@ -36,7 +36,7 @@ The mapping, source pattern (after the `model.` prefix, if any) -> ours:
 Conventions, checked by tests/test_convert.py:
   - Gemma's RMSNorm weights are stored as w and applied as (1 + w) in the sources (transformers'
     GemmaRMSNorm, and the JAX `scale`) and here: copied unchanged. SigLIP's LayerNorms are plain.
-  - Tensors are cast to float32 (the releases are bfloat16).
+  - Tensors are cast to float32 as they load into the model (the releases are bfloat16).
 Source tensors with no counterpart, dropped and listed in the report:
   - gemma_expert.model.embed_tokens / gemma_expert.lm_head: the expert reads no tokens (lerobot's
     conversion stores zeros there);
@@ -233,7 +233,7 @@ def map_state(src, target, n_base, by_name=None):
         elif name in state:
             unexpected.append(f"{key} (a second source for {name})")
         else:
-            state[name] = value.to(target[name].dtype)
+            state[name] = value  # cast to float32 by load_state_dict, one tensor at a time
     rows = _token_rows(token_matrix, target, n_base, state, mismatched, by_name or {})
     fresh = [k for k in target if k.startswith("fusion.") and k not in state]
     prior_keys = [k for k in state if k.startswith("fusion.")]
