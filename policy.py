@@ -27,11 +27,12 @@ from collections import deque
 import numpy as np
 import torch
 
-from data import Collator, Stats, View, tensors
+from data import Collator, View, tensors
 from errors import read_json
 from fast import FastSampler
 from fusion import letterbox
 from model import load_checkpoint
+from stats import Stats
 import ee16
 from tokenizer import PoseTokenizer, nlerp
 
