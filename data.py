@@ -115,13 +115,18 @@ class _Resilient(torch.utils.data.Dataset):
     def __getitem__(self, index):
         """index: an int (the epoch set by set_epoch), or (epoch, index) as trainer.EpochSampler
         yields them to DataLoader workers, which set_epoch in the main process cannot reach."""
+        return self.fetch(index, self.item)
+
+    def fetch(self, index, make):
+        """make(i), a sample's item dict, for `index` as __getitem__ takes it, with the epoch handling
+        and the bad-sample rules above (vlm.Teacher makes its own items through it)."""
         if isinstance(index, tuple):
             epoch, index = index
             self.set_epoch(epoch)
         for k in range(len(self) if self.skip_bad else 1):
             i = (index + k) % len(self)
             try:
-                return {**self._finite(self.item(i), i), "skipped": k}
+                return {**self._finite(make(i), i), "skipped": k}
             except BAD_INPUT as e:
                 if not self.skip_bad:
                     raise
@@ -169,8 +174,8 @@ class GroundingDataset(_Resilient):
 
     def build(self, index, every_object=False):
         """(views, prompt, target) for one sample; views carry K and the listed ObjectPoses.
-        every_object: views list every labelled object, not only the queried class (the tiny VLM's
-        dense vision targets, vlm.py), and the sample is never a negative."""
+        every_object: views list every labelled object they show, not only the queried class (the
+        tiny VLM's dense vision targets, vlm.py), even in a negative; prompt and target are the same."""
         rng = self.rng(index)
         scene_idx, name = self.samples[index]
         im = self.scenes[scene_idx]
@@ -178,8 +183,6 @@ class GroundingDataset(_Resilient):
         H, W = image.shape[:2]
         present = {_label(o.name) for o in im.objects}
         negative = rng.random() < self.neg_frac and self._absent_class(rng, present)
-        if every_object:  # drawn all the same, so the crops match the plain sample's
-            negative = None
         mine = [o for o in im.objects if _label(o.name) == name]
         views = []
         for v in range(self.n_views):  # view 0: head crop; then wrist crops, maybe around an instance
@@ -189,12 +192,12 @@ class GroundingDataset(_Resilient):
                 focus = None if box is None else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
             crop = _crop(rng, W, H, self.cfg.wrist_scale if v else self.cfg.head_scale, focus)
             lb = _letterbox_crop(image, im.K, depth, crop, self.size)
-            listed = im.objects if every_object else mine
-            views.append(View(lb, crop, [] if negative else self._objects(listed, im.K, W, H, crop, lb)))
+            listed = im.objects if every_object else [] if negative else mine
+            views.append(View(lb, crop, self._objects(listed, im.K, W, H, crop, lb)))
         if negative:
             return views, f"detect the {negative}", self.tok.encode_negative(negative, self.n_views)
         encode = self.tok.encode_objects if self.targets == "poses" else self.tok.encode_boxes
-        return views, f"detect the {name}", encode([v.objects for v in views])
+        return views, f"detect the {name}", encode([[o for o in v.objects if o.name == name] for v in views])
 
     def _objects(self, objs, K, W, H, crop, lb):
         x0, y0, x1, y1 = crop

@@ -100,8 +100,8 @@ def test_grounding_negatives_and_determinism(omni):
     i = [k for k, (_, n) in enumerate(ds.samples) if n == "red cube"][0]
     views, prompt, target = ds.build(i)  # image holds red cube + blue bowl: only green ball shares no word
     assert prompt == "detect the green ball" and target == tok.encode_negative("green ball", 3)
-    dense, prompt, _ = ds.build(i, every_object=True)  # never a negative; same crops, every object
-    assert prompt == "detect the red cube" and [v.crop for v in dense] == [v.crop for v in views]
+    dense, *text = ds.build(i, every_object=True)  # the same crops, prompt and target; every object listed
+    assert text == [prompt, target] and [v.crop for v in dense] == [v.crop for v in views]
     assert {o.name for v in dense for o in v.objects} == {"red cube", "blue bowl"}
     ds = GroundingDataset(omni, tok, S, seed=5)
     a, b = ds[1], ds[1]
