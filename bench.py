@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from errors import at_least, cli
 from fast import FastSampler
-from model import PoseVLA, attach_tokenizer, build_model, count_parameters, paligemma_3b_config
+from config import paligemma_3b_config
+from model import PoseVLA, attach_tokenizer, build_model, count_parameters
 from tokenizer import PoseBins
 from trainer import TrainConfig, autocast, make_optimizer, set_trainable
 

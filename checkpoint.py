@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from config import CONFIGS
 from convert import convert, is_released
 from errors import read_file, read_json
-from model import CONFIGS, build_model, load_checkpoint, non_finite, save_checkpoint
+from model import build_model, load_checkpoint, non_finite, save_checkpoint
 from trainer import everywhere, full_norm, gather, rng_state, seed_everything, set_rng_state
 
 

@@ -75,7 +75,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from model import CONFIGS, build_model, non_finite, save_checkpoint
+from config import CONFIGS
+from model import build_model, non_finite, save_checkpoint
 from tokenizer import PoseBins, build_tiny_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Training samples for Pose-VLA: pseudo multi-view grounding, robot chunks, statistics, mixing.
+"""Training samples for Pose-VLA: pseudo multi-view grounding, robot chunks, collation.
 
 method.md §7 (training data), §3 (target text), §10 (formats, read in formats.py and robot_formats.py).
   - GroundingDataset (pre-training stage 1): one item = one (image, class). The image becomes a
@@ -6,16 +6,12 @@ method.md §7 (training data), §3 (target text), §10 (formats, read in formats
     every instance of the class per view, or is a negative (10 %) for an absent class.
   - RobotDataset (stage 2 and post-training): views at frame t, state, the next H actions at a
     frame stride with is_pad, the instruction, and optionally the trajectory target (future
-    end-effector waypoints in each camera's frame).
-  - Stats (z-scoring with a std floor and a state clip, cached per dataset), MixtureSampler
-    (weights ~ n^0.43), Collator (batch dict for model.py), make_loader (DataLoader with spawned
-    workers), and the CLI: `show`, `fit-bins`, `bench`.
+    end-effector waypoints in each camera's frame, waypoints.py), z-scored by stats.py's Stats.
+  - Collator (batch dict for model.py), fit_bins, and the CLI: `show`, `fit-bins`, `bench`.
+    Mixing datasets (n^0.43) and the DataLoader are in loading.py.
 Randomness is a pure function of (seed, epoch, index), so a resumed run sees the same samples.
 """
 import argparse
-import hashlib
-import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,14 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from errors import BAD_INPUT, at_least, cli, read_json
+from errors import BAD_INPUT, at_least, cli
 from formats import GROUNDING_FORMATS, ROBOT_FORMATS, detect_format, load_scenes
 from draw import draw_views
 from fusion import box_corners, depth_prior, image_to_tensor, letterbox, project, ray_map
-import ee16
+from loading import MixtureSampler, make_loader
 from robot_formats import open_source
-from tokenizer import ObjectPose, PoseBins, PoseTokenizer, Waypoint, quat_to_matrix
-
+from stats import source_stats
+from tokenizer import ObjectPose, PoseBins, PoseTokenizer, Waypoint
+from waypoints import view_waypoints
 
 # ----------------------------------------------------------------------------- views
 @dataclass
@@ -75,7 +72,7 @@ def _letterbox_crop(image, K, depth, crop, size):
     return letterbox(image[y0:y1, x0:x1], Kc, size, depth=None if depth is None else depth[y0:y1, x0:x1])
 
 
-def _source_box(obj, K, W, H):
+def source_box(obj, K, W, H):
     """The annotated 2D box, or the projected 3D box clipped to the image."""
     if obj.box2d is not None:
         return np.asarray(obj.box2d, float)
@@ -118,13 +115,18 @@ class _Resilient(torch.utils.data.Dataset):
     def __getitem__(self, index):
         """index: an int (the epoch set by set_epoch), or (epoch, index) as trainer.EpochSampler
         yields them to DataLoader workers, which set_epoch in the main process cannot reach."""
+        return self.fetch(index, self.item)
+
+    def fetch(self, index, make):
+        """make(i), a sample's item dict, for `index` as __getitem__ takes it, with the epoch handling
+        and the bad-sample rules above (vlm.Teacher makes its own items through it)."""
         if isinstance(index, tuple):
             epoch, index = index
             self.set_epoch(epoch)
         for k in range(len(self) if self.skip_bad else 1):
             i = (index + k) % len(self)
             try:
-                return {**self._finite(self.item(i), i), "skipped": k}
+                return {**self._finite(make(i), i), "skipped": k}
             except BAD_INPUT as e:
                 if not self.skip_bad:
                     raise
@@ -157,7 +159,7 @@ class GroundingDataset(_Resilient):
         for p in paths:  # each reader refuses a dataset without a usable object
             start = len(self.samples)
             for im in load_scenes(p, split, names, skip_bad):
-                for name in sorted({_label(o.name) for o in im.objects}):
+                for name in sorted({object_label(o.name) for o in im.objects}):
                     self.samples.append((len(self.scenes), name))
                 self.scenes.append(im)
             self.sizes.append(len(self.samples) - start)
@@ -172,38 +174,36 @@ class GroundingDataset(_Resilient):
 
     def build(self, index, every_object=False):
         """(views, prompt, target) for one sample; views carry K and the listed ObjectPoses.
-        every_object: views list every labelled object, not only the queried class (the tiny VLM's
-        dense vision targets, vlm.py), and the sample is never a negative."""
+        every_object: views list every labelled object they show, not only the queried class (the
+        tiny VLM's dense vision targets, vlm.py), even in a negative; prompt and target are the same."""
         rng = self.rng(index)
         scene_idx, name = self.samples[index]
         im = self.scenes[scene_idx]
         image, depth = im.load()
         H, W = image.shape[:2]
-        present = {_label(o.name) for o in im.objects}
+        present = {object_label(o.name) for o in im.objects}
         negative = rng.random() < self.neg_frac and self._absent_class(rng, present)
-        if every_object:  # drawn all the same, so the crops match the plain sample's
-            negative = None
-        mine = [o for o in im.objects if _label(o.name) == name]
+        mine = [o for o in im.objects if object_label(o.name) == name]
         views = []
         for v in range(self.n_views):  # view 0: head crop; then wrist crops, maybe around an instance
             focus = None
             if v > 0 and rng.random() < self.cfg.wrist_focus:
-                box = _source_box(mine[rng.integers(len(mine))], im.K, W, H)
+                box = source_box(mine[rng.integers(len(mine))], im.K, W, H)
                 focus = None if box is None else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
             crop = _crop(rng, W, H, self.cfg.wrist_scale if v else self.cfg.head_scale, focus)
             lb = _letterbox_crop(image, im.K, depth, crop, self.size)
-            listed = im.objects if every_object else mine
-            views.append(View(lb, crop, [] if negative else self._objects(listed, im.K, W, H, crop, lb)))
+            listed = im.objects if every_object else [] if negative else mine
+            views.append(View(lb, crop, self._objects(listed, im.K, W, H, crop, lb)))
         if negative:
             return views, f"detect the {negative}", self.tok.encode_negative(negative, self.n_views)
         encode = self.tok.encode_objects if self.targets == "poses" else self.tok.encode_boxes
-        return views, f"detect the {name}", encode([v.objects for v in views])
+        return views, f"detect the {name}", encode([[o for o in v.objects if o.name == name] for v in views])
 
     def _objects(self, objs, K, W, H, crop, lb):
         x0, y0, x1, y1 = crop
         out = []
         for o in objs:
-            box = _source_box(o, K, W, H)
+            box = source_box(o, K, W, H)
             if box is None:
                 continue
             b = np.clip(box - [x0, y0, x0, y0], 0, [x1 - x0, y1 - y0] * 2)
@@ -212,7 +212,7 @@ class GroundingDataset(_Resilient):
             if sides[1] * shrink < self.cfg.min_box_px or sides[0] * shrink < self.cfg.min_side_px:
                 continue  # not visible in this crop, or too small to anchor (in source and view pixels)
             b = b * lb.scale + np.r_[lb.offset, lb.offset]
-            out.append(ObjectPose(_label(o.name), tuple(b), o.t, o.size, o.R))
+            out.append(ObjectPose(object_label(o.name), tuple(b), o.t, o.size, o.R))
         return out
 
     def _absent_class(self, rng, present):
@@ -231,143 +231,11 @@ def _check_tokenizer(tok, image_size):
                          f"dataset image_size {image_size} (loc tokens are pixel / size)")
 
 
-def _label(name):
+def object_label(name):
     return " ".join(str(name).replace("_", " ").split())
 
 
-# ----------------------------------------------------------------------------- statistics
-STD_FLOOR = 1e-2  # in the raw data's units (metres, quaternion components, gripper fraction): a
-# 1 cm or 0.01 quaternion-component change is at most one normalised unit. Without it a dim that
-# barely varies in the demos (hand quaternions: std 1e-5..5e-3) turns a small closed-loop tilt into
-# |z| ~ 1e4, and unit sampling noise on a near-constant action dim into tens of degrees
-STATE_CLIP = 5.0  # normalised states are clipped to +-5: off-distribution inputs stay bounded
-# (actions are regression targets and are never clipped)
-
-
-@dataclass
-class Stats:
-    """Per-dimension mean, std, q01, q99 of state and action (lists of floats, JSON friendly).
-    Both directions scale by max(std, STD_FLOOR); normalize clips the state to +-STATE_CLIP.
-    Training (RobotDataset) and inference (policy.Policy) both go through them."""
-    state: dict
-    action: dict
-
-    @classmethod
-    def compute(cls, states, actions, where="Stats.compute"):
-        """From (N, Ds) states and (N, Da) actions; `where` (the data they came from) names them in errors."""
-        def one(x, key):
-            x = np.asarray(x, np.float64)
-            if x.ndim != 2 or not len(x):
-                raise ValueError(f"{where}: {key} has shape {x.shape}; expected (frames >= 1, dims)")
-            bad = np.flatnonzero(~np.isfinite(x).all(0))
-            if len(bad):
-                raise ValueError(f"{where}: {key} dims {bad.tolist()} hold NaN/inf; statistics need finite values")
-            return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
-                    "q01": np.quantile(x, 0.01, axis=0).tolist(), "q99": np.quantile(x, 0.99, axis=0).tolist()}
-        return cls(one(states, "state"), one(actions, "action"))
-
-    def _check(self, where):
-        """self when every statistic is a list of finite numbers, as long as the part's mean; else
-        an error naming `where`, the part and the statistic."""
-        for key in ("state", "action"):
-            part = getattr(self, key)
-            if not isinstance(part, dict) or not {"mean", "std", "q01", "q99"} <= set(part):
-                raise ValueError(f"{where}: '{key}' needs the lists mean, std, q01 and q99")
-            width = np.shape(part["mean"])
-            for name in ("mean", "std", "q01", "q99"):
-                try:
-                    values = np.asarray(part[name], np.float64)
-                except (TypeError, ValueError):
-                    values = None
-                if values is None or values.ndim != 1 or values.shape != width or not np.isfinite(values).all():
-                    raise ValueError(f"{where}: '{key}.{name}' must be a list of finite numbers as long as "
-                                     f"'{key}.mean', got {str(part[name])[:80]}")
-        return self
-
-    def _ms(self, key, x, where):
-        s = getattr(self, key)
-        if np.shape(x)[-1] != len(s["mean"]):
-            raise ValueError(f"{where}: {key} has width {np.shape(x)[-1]}; the statistics expect "
-                             f"{len(s['mean'])}")
-        return np.asarray(s["mean"]), np.maximum(np.asarray(s["std"]), STD_FLOOR)
-
-    def normalize(self, x, key, where="normalize"):
-        mean, std = self._ms(key, x, where)
-        z = (np.asarray(x, np.float64) - mean) / std
-        return (np.clip(z, -STATE_CLIP, STATE_CLIP) if key == "state" else z).astype(np.float32)
-
-    def unnormalize(self, x, key, where="unnormalize"):
-        mean, std = self._ms(key, x, where)
-        return (np.asarray(x, np.float64) * std + mean).astype(np.float32)
-
-    def save(self, path):
-        tmp = path + ".tmp"  # written aside, then renamed: an interrupted save leaves no truncated file
-        with open(tmp, "w") as f:
-            json.dump({"state": self.state, "action": self.action}, f)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path):
-        d = read_json(path, "state/action statistics (data.Stats)")
-        if not isinstance(d, dict) or set(d) != {"state", "action"}:
-            raise ValueError(f"{path}: expected keys 'state' and 'action', got "
-                             f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
-        return cls(d["state"], d["action"])._check(path)
-
-
-def source_stats(source, cache_dir=None):
-    """Stats of one robot dataset, cached as JSON keyed by a hash of its state/action values: next
-    to the data when that folder is writable, else in `cache_dir` (default ~/.cache/posevla)."""
-    states = np.concatenate([e.state for e in source.episodes])
-    actions = np.concatenate([e.action for e in source.episodes])
-    digest = hashlib.sha1(states.tobytes() + actions.tobytes()).hexdigest()[:16]
-    folder = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
-    if cache_dir is None and not os.access(folder, os.W_OK):
-        cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "posevla")
-    path = os.path.join(cache_dir or folder, f"posevla_stats_{digest}.json")
-    if os.path.exists(path):
-        return Stats.load(path)
-    stats = Stats.compute(states, actions, source.path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    stats.save(path)
-    return stats
-
-
 # ----------------------------------------------------------------------------- robot samples
-@dataclass
-class TrajectoryConfig:
-    every: int = 10  # method.md §3.4: every 10th action ...
-    count: int = 5  # ... of a ~50-step horizon: 5 waypoints per arm
-    tcp_offset: tuple = (0.0, 0.0, 0.0)  # added in the end-effector frame; RoboTwin's endpose is
-    # 0.12 m behind the TCP (method.md §10.4); we keep the recorded point by default (= the action space)
-    min_depth: float = 0.01  # [ours] m (method.md §3.4): nearer waypoints have no usable pixel
-
-
-def view_waypoints(action, t, K, cam2world, image_hw, cam, traj=None):
-    """method.md §3.4 trajectory tuples of one view at frame t: [(name, uv (2,) source pixels, t (3,), R (3, 3))],
-    waypoint k = ee pose action[t + every*(k+1) - 1] (clamped) in this camera's frame at t. A wrist
-    view lists only its own arm; the head an arm whose first waypoint projects into the image. [ours]
-    Waypoints with z < min_depth (behind a wrist camera) are dropped, as dividing by z <= 0 mirrors
-    (u, v); the rest keep their k. Shared by RobotDataset and fit_bins: bins fit exactly the targets.
-    traj: TrajectoryConfig (None: the method's)."""
-    traj = traj or TrajectoryConfig()
-    steps = np.minimum(t + traj.every * np.arange(1, traj.count + 1) - 1, len(action) - 1)
-    own = "left" if "left" in cam else "right" if "right" in cam else None
-    Rcw, tcw, out = cam2world[:3, :3], cam2world[:3, 3], []
-    for arm in (a for a in ee16.ARMS if own in (None, a)):
-        pos, quat = ee16.position(arm), ee16.quaternion(arm)
-        Rw = quat_to_matrix(action[steps, quat])  # (k, 3, 3)
-        pw = action[steps, pos] + Rw @ np.asarray(traj.tcp_offset, float)  # (k, 3)
-        pc = (pw - tcw) @ Rcw  # (k, 3) = Rcw^T (pw - tcw)
-        Rc = np.einsum("ji,kjl->kil", Rcw, Rw)  # Rcw^T @ Rw
-        front = pc[:, 2] >= traj.min_depth  # (k,)
-        uv = project(K, np.where(front[:, None], pc, 1.0))  # (k, 2); rows behind are dropped below
-        if own is None and not (front[0] and 0 <= uv[0, 0] < image_hw[1] and 0 <= uv[0, 1] < image_hw[0]):
-            continue
-        out += [(f"{arm} arm {k}", uv[k], pc[k], Rc[k]) for k in np.flatnonzero(front)]
-    return out
-
-
 class RobotDataset(_Resilient):
     """Robot samples: views at frame t, state, the next `chunk` actions every `stride` frames
     (is_pad past the episode end, padded with the last action), instruction prompt, and with
@@ -455,52 +323,7 @@ def open_datasets(paths, kind=None, **kwargs):
     return (GroundingDataset if kind == "grounding" else RobotDataset)(paths, **kwargs)
 
 
-# ----------------------------------------------------------------------------- mixing
-def mixture_weights(sizes, alpha=0.43):
-    """method.md §7.3: sampling probability of each dataset proportional to n^0.43."""
-    w = np.asarray(sizes, np.float64) ** alpha
-    return w / w.sum()
-
-
-class MixtureSampler(torch.utils.data.Sampler):
-    """Global indices into a dataset made of consecutive parts of `sizes`: each draw picks a part
-    by mixture_weights, then the next index of that part's own shuffled order (without replacement
-    until the part is exhausted). Deterministic per (seed, epoch); `state_dict` resumes mid-epoch."""
-
-    def __init__(self, sizes, num_samples=None, alpha=0.43, seed=0):
-        self.sizes, self.alpha, self.seed = list(sizes), alpha, seed
-        self.num_samples = int(num_samples or sum(self.sizes))
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
-
-    def indices(self, epoch):
-        rng = np.random.default_rng([self.seed, epoch])
-        part = rng.choice(len(self.sizes), size=self.num_samples, p=mixture_weights(self.sizes, self.alpha))
-        offsets = np.cumsum([0] + self.sizes)
-        out = np.empty(self.num_samples, np.int64)
-        for p, n in enumerate(self.sizes):
-            where = np.flatnonzero(part == p)
-            order = np.concatenate([rng.permutation(n) for _ in range(-(-len(where) // n))] or [[]])
-            out[where] = offsets[p] + order[:len(where)].astype(np.int64)
-        return out
-
-    def __iter__(self):
-        start, self.start = self.start, 0
-        return iter(self.indices(self.epoch)[start:].tolist())
-
-    def __len__(self):
-        return self.num_samples
-
-    def state_dict(self, consumed):
-        return {"epoch": self.epoch, "start": int(consumed)}
-
-    def load_state_dict(self, d):
-        self.epoch, self.start = int(d["epoch"]), int(d["start"])
-
-
-# ----------------------------------------------------------------------------- collation, loading
+# ----------------------------------------------------------------------------- collation
 class Collator:
     """List of items -> batch dict for model.py. Prompt = <bos> + prompt + "\\n" (PaliGemma's
     prefix format); label = target + <eos>. Whether a batch has labels is decided here, once: a
@@ -556,20 +379,6 @@ class Collator:
 def split_paths(text):
     """A comma-separated --data/--eval-data flag -> list of paths (None or "" -> [])."""
     return [p for p in (text or "").split(",") if p]
-
-
-def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persistent=True, **kwargs):
-    """A DataLoader with spawned, not forked, workers: a forked child inherits the parent's open PyAV,
-    HDF5 and EGL handles with their locks but not the threads holding them, and can deadlock on its
-    first read (a test hung this way). Spawned workers unpickle the dataset (RobotSource drops open
-    handles), so the caller's script needs an `if __name__ == "__main__":` guard. `persistent` keeps
-    the workers (spawn start-up paid once) with the dataset copy they started with, so a later
-    `dataset.set_epoch` does not reach them: a sampler of (epoch, index) pairs does (trainer.py).
-    `kwargs` go to DataLoader (drop_last, generator, ...)."""
-    if workers > 0:
-        kwargs.update(multiprocessing_context="spawn", persistent_workers=persistent)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       collate_fn=collate_fn, **kwargs)
 
 
 # ----------------------------------------------------------------------------- bins, drawing, CLI

@@ -1,7 +1,7 @@
 """Fast action sampling: the model prepared once for inference, the 10-step Euler loop compiled whole.
 
 The readable reference is model.PoseVLA.sample_actions (eager, per-step denoise_step). This file
-runs the same computation for speed:
+runs the same computation (the same PoseVLA.integrate loop) for speed:
   1. prepare once: eval mode, requires_grad off, parameters cast to bf16 on CUDA (fp32 on CPU; the
      RoPE frequency buffers stay fp32), so no per-call autocast over fp32 weights;
   2. static shapes: the prompt is right-padded to a multiple of `prompt_len` tokens (padding keys
@@ -11,7 +11,7 @@ runs the same computation for speed:
      the keys/values are returned, so the last layer's unused prefix MLP is dropped from the graph);
   4. denoise(kvs, p_valid, state, noise) -> actions: all flow_steps Euler steps in ONE graph: the
      step count and t schedule are Python constants, nothing reads a tensor value on the host;
-     attention is model.joint_layer's single scaled_dot_product_attention with the joint mask;
+     attention is joint.joint_layer's single scaled_dot_product_attention with the joint mask;
   5. on CUDA both graphs are compiled with mode="reduce-overhead" (CUDA graphs: one launch per
      graph replay), on CPU with inductor's default C++ kernels.
 
@@ -58,12 +58,8 @@ class FastSampler:
     def denoise(self, kvs, p_valid, state, noise):
         """Integrate the flow from noise (t=1) to actions (t=0), flow_steps Euler steps of
         dt = -1/flow_steps with the cached prefix. noise: (B, H, D) fp32 -> (B, H, D) fp32."""
-        x, dt = noise, -1.0 / self.model.cfg.flow_steps
-        for i in range(self.model.cfg.flow_steps):                              # unrolled in the graph
-            t = torch.full((x.shape[0],), 1.0 + i * dt, device=x.device)        # (B,)
-            v = self.model.denoise_step(kvs, p_valid, state, x.to(self.dtype), t)  # (B, H, D)
-            x = x + dt * v.float()
-        return x
+        return self.model.integrate(  # x_t in the model's dtype, the velocity (B, H, D) back in fp32
+            noise, lambda x_t, t: self.model.denoise_step(kvs, p_valid, state, x_t.to(self.dtype), t).float())
 
     @torch.no_grad()
     def __call__(self, batch, noise):

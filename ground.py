@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import Collator, View, _label, _source_box, tensors
+from data import Collator, View, object_label, source_box, tensors
 from draw import draw_image
 from errors import at_least, cli, read_json
 from eval_sim import scored_decode
@@ -135,7 +135,7 @@ def detections(tuples, scores, query, view, K, image_shape):
         if len(corners) == 2:  # box anchor (tokenizer anchor="box")
             box = corners.ravel()
         else:
-            box = _source_box(ObjectPose(d.name, None, d.t, d.size, R), K, W, H)  # projected 3D box, clipped
+            box = source_box(ObjectPose(d.name, None, d.t, d.size, R), K, W, H)  # projected 3D box, clipped
         centre = project(K, d.t[None])[0] if d.t[2] > 0 else None
         out.append(Detection(query, d.name, float(score), d.t, d.size, R, d.quat, d.euler, corners.mean(0),
                              centre, box))
@@ -148,7 +148,7 @@ def detections(tuples, scores, query, view, K, image_shape):
 def ground(model, tok, pose_tok, arrays, names, max_new_tokens=MAX_NEW_TOKENS, device="cpu"):
     """One query per name on the prepared view (prepare's arrays) -> per name (Decoded with view 0
     only, the scores of its tuples, the generated text)."""
-    items = [{**arrays, "prompt": f"detect the {_label(n)}", "target": ""} for n in names]
+    items = [{**arrays, "prompt": f"detect the {object_label(n)}", "target": ""} for n in names]
     batch = Collator(tok, max_dim=model.cfg.max_dim)(items)
     batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
     with torch.no_grad():
@@ -169,7 +169,7 @@ def report(names, answers, view, K, image_shape):
         extra = f", {decoded.n_rejected} malformed fragments rejected" * bool(decoded.n_rejected)
         extra += f", {skipped} non-object tuples skipped" * bool(skipped)
         said = f" (answered {NO_OBJECT})" * bool(decoded.negative[0] and not dets)
-        print(f"detect the {_label(name)}: {len(dets)} found{said}{extra}")
+        print(f"detect the {object_label(name)}: {len(dets)} found{said}{extra}")
         if not dets and not decoded.negative[0]:
             print(f"  model wrote: {text[:200]!r}")
         for d in dets:
@@ -207,7 +207,7 @@ def main(argv=None):
     rgb = decode_image(args.image, args.image)
     K = read_K(args.K)
     depth = read_depth(args.depth, args.depth_scale, rgb.shape[:2]) if args.depth else None
-    names = [_label(n) for n in args.names]
+    names = [object_label(n) for n in args.names]
     for n in names:
         PoseTokenizer._name(n)  # raises on an empty name or one with '<', '>' or ';'
     model, tok, bins = load_checkpoint(args.ckpt, map_location=args.device)

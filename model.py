@@ -1,17 +1,14 @@
 """Pose-VLA model: PaliGemma + a pi0-style flow-matching action expert with joint attention.
 
-method.md §5 (paper Sec. III). Reading order:
-  1. PoseVLAConfig and its two presets (`tiny` for CPU/tests, `paligemma-3b` for the paper).
-  2. attention_mask(): who sees whom in [prefix | labels | state | actions].
-  3. joint_layer(): one transformer layer over two streams (VLM tokens, expert tokens) that compute
-     their own q/k/v, share ONE scaled_dot_product_attention, then apply their own o_proj/norms/MLP.
-  4. PoseVLA: embeds views (+ geometry priors, fusion.py) and text, runs the joint stack, and gives
+method.md §5 (paper Sec. III). The config and its presets are in config.py, the attention mask
+and the joint layer in joint.py. Reading order:
+  1. time_embedding(), last_index(): small helpers of the model.
+  2. PoseVLA: embeds views (+ geometry priors, fusion.py) and text, runs the joint stack, and gives
      - forward(): NTP loss on pose-tuple labels + flow-matching loss on actions,
-     - sample_actions(): 10 Euler steps, prefix keys/values computed once,
-     - generate(): greedy pose-text decoding with a KV cache.
-  5. image_sensitivity(): how much the outputs change when samples swap their views (does the
-     model use its images?), logged at every held-out evaluation (trainer.py).
-  6. build_model / save / load.
+     - sample_actions(): 10 Euler steps (integrate), prefix keys/values computed once,
+     - generate(): greedy pose-text decoding (decode_step) with a KV cache.
+  3. build_model / save / load.
+Whether a trained model uses its images is measured in sensitivity.py.
 
 The VLM is `transformers`' PaliGemmaForConditionalGeneration; we reuse its modules (SigLIP tower,
 projector, Gemma layers, tied LM head) but run the Gemma layers ourselves so the expert can join
@@ -21,7 +18,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -31,181 +28,15 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm, GemmaRotaryEmbedding
 
+from config import CONFIGS, PoseVLAConfig
 from errors import load_json, read_file
 from fusion import FusionConfig, GeometryFusion
+from joint import ACTION, LABEL, PREFIX, STATE, attention_mask, joint_layer, token_positions
 from tokenizer import PoseBins, build_tiny_tokenizer, extend_tokenizer, value_token_groups
 
 
 # ----------------------------------------------------------------------------------------------
-# Config
-
-@dataclass
-class PoseVLAConfig:
-    # Which of CONFIGS this config was built from, written at build time so a checkpoint names its
-    # preset (learning rates follow it, trainer.default_rates). None: built by hand, or a checkpoint
-    # from before the field (trainer.config_name then recognises the preset by its shapes).
-    preset: str | None = None
-    # The PaliGemma config as a plain dict (PaliGemmaConfig.to_dict()): the single source of truth
-    # for the VLM's shape, so a checkpoint rebuilds exactly the network it was trained with.
-    vlm: dict = field(default_factory=dict)
-    # Action expert: same depth/heads/head_dim as the Gemma decoder (joint attention needs that),
-    # a smaller width (pi0: 1024 next to Gemma's 2048) because actions carry far less information.
-    expert_width: int = 128
-    expert_mlp: int = 512
-    n_views: int = 3          # RoboTwin: head + two wrist cameras
-    max_dim: int = 32         # state/action vectors are zero-padded to this width (pi0)
-    action_horizon: int = 16  # RoboTwin recipe: chunk of 16
-    flow_steps: int = 10      # Euler steps at inference, dt = -1/flow_steps
-    use_rays: bool = True
-    use_depth: bool = True
-    prior_dropout: float = 0.5  # each prior dropped per sample: works with RGB only or any subset
-    # Token ids filled in by build_model from the text tokenizer.
-    image_start_ids: list = field(default_factory=list)  # <image{i}>
-    image_end_ids: list = field(default_factory=list)    # </image{i}>
-    # [first, end) id ranges of the value tokens: <loc>, then each pose quantity's bins (decode_step).
-    value_groups: list = field(default_factory=list)
-    bos_id: int = 0
-    eos_id: int = 1
-    pad_id: int = 0
-
-    @property
-    def text(self):
-        return self.vlm["text_config"]
-
-    @property
-    def vision(self):
-        return self.vlm["vision_config"]
-
-    @property
-    def image_size(self):
-        return self.vision["image_size"]
-
-    @property
-    def tokens_per_view(self):
-        return (self.vision["image_size"] // self.vision["patch_size"]) ** 2
-
-
-def paligemma_dict(image_size, patch, v_width, v_depth, v_heads, v_mlp,
-                   width, depth, heads, kv_heads, head_dim, mlp, vocab_size=257216, image_token=257152):
-    """A PaliGemma config dict from the handful of numbers that define its shape."""
-    vision = dict(model_type="siglip_vision_model", image_size=image_size, patch_size=patch,
-                  hidden_size=v_width, num_hidden_layers=v_depth, num_attention_heads=v_heads,
-                  intermediate_size=v_mlp, vision_use_head=False)
-    text = dict(model_type="gemma", hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=mlp,
-                vocab_size=vocab_size, hidden_act="gelu_pytorch_tanh")
-    return PaliGemmaConfig(vision_config=vision, text_config=text, projection_dim=width, hidden_size=width,
-                           vocab_size=vocab_size, image_token_index=image_token).to_dict()
-
-
-def tiny_config(**overrides):
-    """A few million parameters: 112 px views with patch 14 (64 tokens each), 4 Gemma layers."""
-    vlm = paligemma_dict(image_size=112, patch=14, v_width=128, v_depth=2, v_heads=4, v_mlp=512,
-                         width=256, depth=4, heads=4, kv_heads=1, head_dim=64, mlp=1024)
-    cfg = PoseVLAConfig(preset="tiny", vlm=vlm, expert_width=128, expert_mlp=512)
-    return _override(cfg, overrides)
-
-
-def paligemma_3b_config(**overrides):
-    """google/paligemma-3b-pt-224: SigLIP So400m/14 at 224 px, Gemma 2B; pi0's 300M expert."""
-    vlm = paligemma_dict(image_size=224, patch=14, v_width=1152, v_depth=27, v_heads=16, v_mlp=4304,
-                         width=2048, depth=18, heads=8, kv_heads=1, head_dim=256, mlp=16384)
-    cfg = PoseVLAConfig(preset="paligemma-3b", vlm=vlm, expert_width=1024, expert_mlp=4096)
-    return _override(cfg, overrides)
-
-
-CONFIGS = {"tiny": tiny_config, "paligemma-3b": paligemma_3b_config}
-
-
-def _override(cfg, overrides):
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise ValueError(f"unknown PoseVLAConfig field {k!r}")
-        setattr(cfg, k, v)
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention mask (method.md §5.3-5.4)
-
-PREFIX, LABEL, STATE, ACTION = 0, 1, 2, 3
-
-
-def attention_mask(kinds, valid):
-    """Boolean (B, T, T) mask, True = query row may attend to key column.
-
-    kinds: (B, T) long in {PREFIX, LABEL, STATE, ACTION}; valid: (B, T) bool (False = padding).
-    - prefix (images + prompt) is bidirectional and sees only the prefix;
-    - labels are causal among themselves and see the whole prefix;
-    - the state token sees the prefix and itself; actions see prefix, state and all actions;
-    - the suffix never sees labels (at inference there are none), the prefix never sees the suffix.
-    Padding keys are never seen; a padding query sees itself only, so no softmax row is empty.
-    """
-    q, k = kinds[:, :, None], kinds[:, None, :]                                 # (B, T, 1), (B, 1, T)
-    T = kinds.shape[1]
-    idx = torch.arange(T, device=kinds.device)
-    causal = idx[None, :, None] >= idx[None, None, :]                          # (1, T, T)
-    allowed = k == PREFIX
-    allowed = allowed | ((q == LABEL) & (k == LABEL) & causal)
-    allowed = allowed | ((q >= STATE) & (k == STATE))
-    allowed = allowed | ((q == ACTION) & (k == ACTION))
-    allowed = allowed & valid[:, None, :] & valid[:, :, None]
-    return allowed | torch.eye(T, dtype=torch.bool, device=kinds.device)[None]
-
-
-def token_positions(kinds, valid):
-    """(B, T) RoPE positions of the same sequence: a running count of the real tokens, where the
-    suffix skips the labels (it never sees them, and at inference there are none), so a state or
-    action token sits at the same position in training and in sampling."""
-    text = valid.long().cumsum(1) - 1                                           # prefix and labels
-    suffix = (valid & (kinds != LABEL)).long().cumsum(1) - 1                    # labels skipped
-    return torch.where(kinds >= STATE, suffix, text).clamp(min=0)
-
-
-# ----------------------------------------------------------------------------------------------
-# One joint layer
-
-def rope(x, cos, sin):
-    """Rotary embedding, Gemma's half-split layout. x: (B, H, T, hd); cos/sin: (B, T, hd)."""
-    cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def joint_layer(layers, hiddens, cos, sin, mask, past_kv=None):
-    """Run one layer over several token streams that share a single attention.
-
-    layers: one GemmaDecoderLayer per stream; hiddens: per stream (B, T_s, W_s) or None (absent).
-    cos/sin: (B, T, hd) for the concatenated present tokens; mask: (B, T, T_past + T) bool.
-    past_kv: (k, v) each (B, KV, T_past, hd), already rotated (the cached prefix), or None.
-    Returns the new hiddens and this layer's (k, v) over past + present tokens.
-    """
-    qs, ks, vs, lens = [], [], [], []
-    for layer, h in zip(layers, hiddens):
-        if h is None:
-            continue
-        attn, (B, T, _) = layer.self_attn, h.shape
-        x = layer.input_layernorm(h)
-        qs.append(attn.q_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2))  # (B, H, T, hd)
-        ks.append(attn.k_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2))  # (B, KV, T, hd)
-        vs.append(attn.v_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2))
-        lens.append(T)
-    q = rope(torch.cat(qs, dim=2), cos, sin)
-    k = rope(torch.cat(ks, dim=2), cos, sin)
-    v = torch.cat(vs, dim=2)
-    if past_kv is not None:
-        k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)  # (B, H, T, hd)
-    out = out.transpose(1, 2).flatten(2)                                        # (B, T, H*hd)
-    outs, pieces = [], iter(out.split(lens, dim=1))
-    for layer, h in zip(layers, hiddens):
-        if h is None:
-            outs.append(None)
-            continue
-        h = h + layer.self_attn.o_proj(next(pieces))
-        outs.append(h + layer.mlp(layer.post_attention_layernorm(h)))
-    return outs, (k, v)
-
+# Flow time, last real token
 
 def time_embedding(t, dim, min_period=4e-3, max_period=4.0):
     """Sinusoidal embedding of the flow time t (B,) -> (B, dim), periods min_period..max_period."""
@@ -410,20 +241,24 @@ class PoseVLA(nn.Module):
     def sample_actions(self, batch, noise=None, use_cache=True):
         """Integrate the flow from noise (t=1) to actions (t=0): (B, H, max_dim).
         use_cache=False recomputes the prefix at every step (the slow reference, for tests/bench)."""
-        B = batch["state"].shape[0]
+        B, state = batch["state"].shape[0], batch["state"]
         x = noise if noise is not None else torch.randn(B, self.cfg.action_horizon, self.cfg.max_dim,
-                                                        device=batch["state"].device)
+                                                        device=state.device)
         if use_cache:
             kvs, p_valid, _ = self.encode_prefix(batch)
-        dt = -1.0 / self.cfg.flow_steps
+            return self.integrate(x, lambda x_t, t: self.denoise_step(kvs, p_valid, state, x_t, t))
+        # Labels, if the batch has any, change nothing here: the suffix never sees them.
+        return self.integrate(
+            x, lambda x_t, t: self.velocity(self.joint_forward(batch, self.embed_suffix(state, x_t, t))[1]))
+
+    def integrate(self, noise, velocity):
+        """Euler-integrate the flow from noise (t=1) to actions (t=0): flow_steps steps of
+        dt = -1/flow_steps. velocity(x_t, t) -> v, x_t (B, H, D), t (B,). Shared by sample_actions
+        and fast.FastSampler (whose compiled graph unrolls the loop: the steps are Python constants)."""
+        x, dt = noise, -1.0 / self.cfg.flow_steps
         for i in range(self.cfg.flow_steps):
-            t = torch.full((B,), 1.0 + i * dt, device=x.device)
-            if use_cache:
-                v = self.denoise_step(kvs, p_valid, batch["state"], x, t)
-            else:
-                # Labels, if the batch has any, change nothing here: the suffix never sees them.
-                v = self.velocity(self.joint_forward(batch, self.embed_suffix(batch["state"], x, t))[1])
-            x = x + dt * v
+            t = torch.full((x.shape[0],), 1.0 + i * dt, device=x.device)        # (B,)
+            x = x + dt * velocity(x, t)                                         # (B, H, D)
         return x
 
     @torch.no_grad()
@@ -472,78 +307,6 @@ def decode_step(logp, groups):
         wins = mass > best
         best, tok = torch.where(wins, mass, best), torch.where(wins, first + part.argmax(-1), tok)
     return tok
-
-
-# ----------------------------------------------------------------------------------------------
-# Image sensitivity: does the model use its images at all?
-
-VISUAL_KEYS = ("images", "view_mask", "rays", "has_rays", "depth", "has_depth")
-SENSITIVITY_KEYS = ("img_tv", "img_tv_loc", "img_action_delta", "img_action_delta_first",
-                    "prompt_action_delta", "prompt_action_delta_first")
-
-
-def roll_samples(batch, keys):
-    """The batch with `keys` rolled by one along dim 0 (sample i gets sample i-1's), the rest kept."""
-    return {k: v.roll(1, dims=0) if k in keys else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def image_sensitivity(model, batch, loc_ids=None, seed=0):
-    """How much the outputs change when every sample sees another sample's views (images, masks,
-    ray and depth priors rolled by one over the batch; prompt, labels and state kept). Floats, NaN
-    where the batch has no such part:
-      img_tv: mean total-variation distance between the teacher-forced next-token distributions at
-        the label positions with the true vs swapped views; img_tv_loc: the same over the positions
-        whose target is a <loc> token (loc_ids: their token ids), the location stage 1 must learn;
-      img_action_delta: mean L2 change of the sampled chunk (normalised units) for a fixed noise,
-        over the chunk (_first: its first step); prompt_action_delta: the same when the prompts are
-        swapped instead, the scale of a change the model does react to.
-    Runs in eval mode (the previous mode is restored) and draws nothing from the global RNG, so a
-    resumed training run stays exact."""
-    B = batch["images"].shape[0]
-    if B < 2:
-        raise ValueError(f"image_sensitivity swaps views between samples: needs a batch of >= 2, got {B}")
-    out = dict.fromkeys(SENSITIVITY_KEYS, float("nan"))
-    swapped = roll_samples(batch, VISUAL_KEYS)
-    was_training = model.training
-    model.eval()
-    try:
-        if batch.get("label_ids") is not None:
-            out.update(_label_tv(model, batch, swapped, loc_ids))
-        if "actions" in batch:
-            out.update(_action_deltas(model, batch, swapped, seed))
-    finally:
-        model.train(was_training)
-    return out
-
-
-def _label_tv(model, batch, swapped, loc_ids):
-    mask = batch["label_mask"]                                                  # (B, Tl)
-    probs = []
-    for b in (batch, swapped):
-        vlm_h, _, p_valid = model.joint_forward(b)
-        probs.append(model.label_logits(vlm_h, p_valid)[mask].float().softmax(-1))  # (N, V)
-    tv = 0.5 * (probs[0] - probs[1]).abs().sum(-1)                              # (N,)
-    out = {"img_tv": tv.mean().item()}
-    if loc_ids is not None:
-        is_loc = torch.isin(batch["label_ids"][mask], torch.as_tensor(loc_ids, device=tv.device))
-        if is_loc.any():
-            out["img_tv_loc"] = tv[is_loc].mean().item()
-    return out
-
-
-def _action_deltas(model, batch, swapped, seed):
-    actions = batch["actions"]                                                  # (B, H, D)
-    noise = torch.randn(actions.shape, generator=torch.Generator().manual_seed(seed)).to(actions)
-    # Only the dims the data fills: zero-padding up to max_dim (and constant dims) is 0 in every sample.
-    dims = actions.flatten(0, 1).abs().amax(0) > 0                              # (D,)
-    base = model.sample_actions(batch, noise=noise)[..., dims].float()          # (B, H, d)
-    out = {}
-    for name, other in (("img", swapped), ("prompt", roll_samples(batch, ("prompt_ids", "prompt_mask")))):
-        step = (model.sample_actions(other, noise=noise)[..., dims].float() - base).norm(dim=-1)  # (B, H)
-        out[f"{name}_action_delta"] = step.mean().item()
-        out[f"{name}_action_delta_first"] = step[:, 0].mean().item()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 Reading order:
   1. load the checkpoint (model.load_checkpoint) and the two JSON files written next to it by
      post-training: `recipe.json` (robot, camera names in view order, chunk H, frame stride s,
-     state/action widths, image size) and `stats.json` (data.Stats: state/action z-scoring);
+     state/action widths, image size) and `stats.json` (stats.Stats: state/action z-scoring);
   2. preprocess(): the training data path exactly: fusion.letterbox (K updated), data.tensors
      (image in [-1, 1], ray map from the letterboxed K, metric depth prior), z-scored state, then
      data.Collator (prompt = <bos> + instruction + "\\n", state zero-padded to max_dim);
@@ -27,11 +27,12 @@ from collections import deque
 import numpy as np
 import torch
 
-from data import Collator, Stats, View, tensors
+from data import Collator, View, tensors
 from errors import read_json
 from fast import FastSampler
 from fusion import letterbox
 from model import load_checkpoint
+from stats import Stats
 import ee16
 from tokenizer import PoseTokenizer, nlerp
 

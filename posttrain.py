@@ -1,7 +1,7 @@
 """Post-training (method.md §7.5; paper Sec. III-D): fit the flow-matching action expert to one robot.
 
 Flow matching only, on the target robot's demonstrations. State and actions are z-scored with
-statistics of the training data (data.Stats), saved as stats.json in every checkpoint next to
+statistics of the training data (stats.Stats), saved as stats.json in every checkpoint next to
 recipe.json (cameras, chunk, stride, layout), so evaluation sees the robot exactly as training did.
 
     python posttrain.py --robot tabletop --init runs/pretrain_motion --out runs/post_tabletop
@@ -25,10 +25,11 @@ import torch
 import vlm
 from checkpoint import (Run, check_out, check_start_checkpoints, parse_args, recipe_json, refuse_non_finite, restore,
                         save, start_log, start_model)
-from data import Collator, RobotDataset, Stats, fit_bins, open_source, split_paths
+from data import Collator, RobotDataset, fit_bins, open_source, split_paths
 from errors import at_least, cli
 from formats import detect_format
 from sim_export import builtin_demos
+from stats import Stats
 from tokenizer import PoseBins
 from trainer import (Batches, Log, StopFlag, add_train_args, autocast, default_rates, evaluate, make_optimizer,
                      make_scheduler, probe_images, seed_everything, set_trainable, setup_distributed, to_device,

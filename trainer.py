@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import MixtureSampler, make_loader
+from config import CONFIGS
 from errors import at_least
-from model import CONFIGS, image_sensitivity
+from loading import MixtureSampler, make_loader
+from sensitivity import image_sensitivity
 from tokenizer import loc_tokens
 
 
@@ -132,7 +133,7 @@ def default_rates(args, cfg):
 
 
 def config_name(cfg):
-    """Which of model.CONFIGS a PoseVLAConfig was built from: its `preset`, or for a checkpoint
+    """Which of config.CONFIGS a PoseVLAConfig was built from: its `preset`, or for a checkpoint
     written before that field existed, the preset whose networks have the same shape (None: none)."""
     if cfg.preset is not None:
         return cfg.preset
@@ -310,7 +311,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 class Batches:
     """Endless batches for this process from one DataLoader over an EpochSampler, its workers
-    started once for the whole run (spawned, see data.make_loader). Position = (epoch, global
+    started once for the whole run (spawned, see loading.make_loader). Position = (epoch, global
     samples consumed this epoch), counted as batches arrive here (the workers run ahead), so a
     resumed run draws exactly the batches the uninterrupted run would have drawn next."""
 
@@ -467,7 +468,7 @@ def evaluate(run, net, dataset, collate, cfg, d):
 
 
 def probe_images(run, dataset, collate, cfg, d):
-    """model.image_sensitivity on the held-out set's first batch (at least 2 samples), keys prefixed
+    """sensitivity.image_sensitivity on the held-out set's first batch (at least 2 samples), keys prefixed
     `eval_`; {} for a one-sample set. Every process probes the same samples, so the figures agree
     without a reduction and FSDP's collectives line up."""
     n = min(len(dataset), max(2, cfg.batch_size))

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data import tensors
 from tokenizer import NO_OBJECT
 
 
@@ -120,11 +121,15 @@ class VisionTargets(torch.utils.data.Dataset):
         return len(self.ground)
 
     def __getitem__(self, index):
-        g = self.ground
-        views, _, _ = g.build(index, every_object=True)
+        views, _, _ = self.ground.build(index, every_object=True)
+        return self.arrays(views)
+
+    def arrays(self, views):
+        """(images (V, 3, S, S) in [-1, 1], word bags (V, P, nW), boxes (V, P, 4)) of views that list
+        every object (GroundingDataset.build(..., every_object=True))."""
         images, words, boxes = [], [], []
         for v in views:
-            cls, box = patch_targets(v.objects, g.size, self.patch)
+            cls, box = patch_targets(v.objects, self.ground.size, self.patch)
             bags = np.zeros((len(v.objects) + 1, len(self.words)), np.float32)  # row 0: background
             for k, obj in enumerate(v.objects):
                 bags[k + 1, [self.word_index[w] for w in self.pieces(obj.name) if w in self.word_index]] = 1.0
@@ -302,10 +307,15 @@ class Teacher(torch.utils.data.Dataset):
         return self.ground.describe(index)
 
     def __getitem__(self, index):
-        item = self.ground[index]                                   # sets the epoch of an (epoch, index)
-        index = index[1] if isinstance(index, tuple) else index
-        _, words, box = self.targets[(index + item["skipped"]) % len(self)]  # --skip-bad may move on
-        return {**item, "teacher_tokens": ideal_tokens(self.word_rows, self.background_row, words, box).numpy()}
+        return self.ground.fetch(index, self.item)  # the epoch, --skip-bad and NaN rules of the ground's own items
+
+    def item(self, index):
+        """The ground's item for sample `index` plus its teacher tokens, both from one build (one image
+        load, one set of crops): the views list every object, the prompt and target are the sample's."""
+        views, prompt, target = self.ground.build(index, every_object=True)
+        _, words, box = self.targets.arrays(views)
+        return {**tensors(views, self.ground.size), "prompt": prompt, "target": target,
+                "teacher_tokens": ideal_tokens(self.word_rows, self.background_row, words, box).numpy()}
 
 
 def teacher_share(step, steps):

@@ -1,17 +1,17 @@
-"""Bad input through the real command lines and readers (issue: bad input never trains silently,
-never crashes bare, never loses work).
+"""Bad input through the real command lines (issue: bad input never trains silently, never
+crashes bare, never loses work).
 
 CASES is a table of bad inputs, each run through a script's main() the way its command line runs
 it (errors.cli): every case must exit non-zero (argparse: 2, errors.cli: 1) with a one-line message
 that names the file or flag and what was expected, no traceback, and leave nothing in its output
-folder (or, resuming, the run folder as it was). READER_CASES does the same for the readers and the
-statistics, which must raise a clear exception or report what they left out. Then what has to keep
-working: a diverging run stops at its first non-finite step with its last good checkpoint intact,
---skip-bad trains past unreadable frames (and resumes a run a bad frame stopped), and `data.py show`
-opens a LeRobot dataset without poses and with other camera names.
+folder (or, resuming, the run folder as it was). Then what has to keep working: a run never writes
+a checkpoint with non-finite weights, a diverging run stops at its first non-finite step with its
+last good checkpoint intact, --skip-bad trains past unreadable frames (and resumes a run a bad
+frame stopped), and `data.py show` opens a LeRobot dataset without poses and with other camera
+names. The readers and statistics on their own: test_bad_readers.py.
 
-One tiny LeRobot dataset (test_formats' writer) and one two-step post-training run on it (module
-fixtures) serve every case; each broken input is a copy with one thing changed.
+One tiny LeRobot dataset (test_robot_formats' writer) and one two-step post-training run on it
+(module fixtures) serve every case; each broken input is a copy with one thing changed.
 """
 import json
 import os
@@ -20,8 +20,6 @@ import shutil
 import sys
 from types import SimpleNamespace
 
-import h5py
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -39,22 +37,26 @@ import pretrain  # noqa: E402
 import sim_export  # noqa: E402
 import checkpoint  # noqa: E402
 import trainer  # noqa: E402
-from data import RobotDataset, Stats  # noqa: E402
 from errors import cli  # noqa: E402
-from formats import read_bop, read_omni3d  # noqa: E402
 from model import load_checkpoint  # noqa: E402
-from robot_formats import RoboTwinSource, open_source  # noqa: E402
-from test_formats import write_bop, write_lerobot, write_omni3d, write_robotwin  # noqa: E402
+from test_formats import write_bop, write_omni3d  # noqa: E402
+from test_robot_formats import write_lerobot  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "2", "--workers", "0", "--eval-every", "0", "--log-every", "1", "--warmup", "1"]
 FRAMES = "data/chunk-000/file-000.parquet"  # write_lerobot v3.0: both episodes (12 + 5 frames) in one file
 
 
+def bad_input_lerobot(root):
+    """The dataset every case breaks a copy of: two episodes (12 + 5 frames) in one v3.0 file, with
+    depth and camera poses."""
+    return write_lerobot(str(root / "lerobot"), "v3.0", "image", lengths=(12, 5), extras=True)
+
+
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
-    lerobot = write_lerobot(str(root / "lerobot"), "v3.0", "image", lengths=(12, 5), extras=True)
+    lerobot = bad_input_lerobot(root)
     run = str(root / "run")
     posttrain.main(["--robot", "tabletop", "--data", lerobot, "--out", run, "--steps", "2", "--save-every", "1", *FAST])
     return SimpleNamespace(lerobot=lerobot, run=run, ckpt=os.path.join(run, "step_000002"))
@@ -310,102 +312,6 @@ def test_cli_prints_our_errors_in_one_line_and_keeps_a_bug_s_traceback():
         cli(worker_error)
     with pytest.raises(ZeroDivisionError):  # not bad input: a bug, with its traceback
         cli(lambda argv: 1 / 0)
-
-
-def test_the_table_is_large_enough():
-    assert len(CASES) + len(READER_CASES) >= 30
-
-
-# ----------------------------------------------------------------------------- readers
-def nan_centre(tmp):
-    path = write_omni3d(os.path.join(tmp, "omni"))
-    edit_json(path, lambda d: d["annotations"][2]["center_cam"].__setitem__(0, float("nan")))
-    return path
-
-
-def negative_dimension(tmp):
-    path = write_omni3d(os.path.join(tmp, "omni"))
-    edit_json(path, lambda d: d["annotations"][3]["dimensions"].__setitem__(1, -0.1))
-    return path
-
-
-def bop_two_images_first_missing(tmp):
-    """The BOP fixture with its image '1' copied as '2', then image 1's rgb file deleted."""
-    root, _ = write_bop(os.path.join(tmp, "bop"))
-    scene = os.path.join(root, "train_pbr", "000000")
-    for name in ("scene_gt", "scene_gt_info", "scene_camera"):
-        edit_json(os.path.join(scene, f"{name}.json"), lambda d: d.update({"2": d["1"]}))
-    for folder, ext in (("rgb", "jpg"), ("depth", "png")):
-        shutil.copy(os.path.join(scene, folder, f"000001.{ext}"), os.path.join(scene, folder, f"000002.{ext}"))
-    os.remove(os.path.join(scene, "rgb", "000001.jpg"))
-    return root
-
-
-def zero_intrinsics(fx, tmp):
-    """The head camera's K is all zeros in episode 0 (rays divide by fx = 0); episode 1 is intact."""
-    def change(rows):
-        for r in range(12):
-            rows[r] = [0.0] * 9
-    return lerobot_with(fx, tmp, "observation.intrinsics.head", change)
-
-
-def nan_robotwin_intrinsics(tmp):
-    root, _ = write_robotwin(os.path.join(tmp, "rt"), "release")
-    with h5py.File(os.path.join(root, "data", "episode0.hdf5"), "a") as f:
-        K = f["observation/head_camera/intrinsic_cv"][()]
-        K[2, 0, 0] = np.nan
-        f["observation/head_camera/intrinsic_cv"][...] = K
-    return root
-
-
-def reader(name, call, error, *text, before):
-    """A reader case: call(fx, tmp) must raise `error` (or warn, for a Warning) with every regex `text`."""
-    BEFORE[name] = before
-    return pytest.param(call, error, text, id=name)
-
-
-READER_CASES = [
-    reader("Omni3D NaN centre", lambda fx, t: read_omni3d(nan_centre(t)), ValueError, r"annotations\[2\]",
-           "center_cam", "NaN", before="the same ValueError (unchanged)"),
-    reader("Omni3D NaN centre, --skip-bad", lambda fx, t: read_omni3d(nan_centre(t), skip_bad=True), UserWarning,
-           "left out one annotation", r"annotations\[2\]", before="no skip in the reader: the whole file raised"),
-    reader("Omni3D negative dimension", lambda fx, t: read_omni3d(negative_dimension(t)), UserWarning,
-           "kept 3 objects", "1 annotations with a dimension <= 0", before="dropped without a word"),
-    reader("BOP rgb missing", lambda fx, t: read_bop(bop_two_images_first_missing(t)), FileNotFoundError,
-           "rgb/000001.png", before="the same error (unchanged)"),
-    reader("BOP rgb missing, --skip-bad", lambda fx, t: read_bop(bop_two_images_first_missing(t), skip_bad=True),
-           UserWarning, "1 unreadable images", "kept 1 objects in 1 images", before="--skip-bad did not reach the reader: the dataset aborted"),
-    reader("LeRobot NaN state, --skip-bad", lambda fx, t: open_source(lerobot_with(
-        fx, t, "observation.state", set_row(15, 2, float("nan"))), skip_bad=True), UserWarning,
-        "kept 1 episodes, 12 frames", "1 unreadable episodes", before="trained silently on NaN"),
-    reader("RoboTwin NaN intrinsics at frame 2", lambda fx, t: RoboTwinSource(nan_robotwin_intrinsics(t)).frame(
-        0, 2, "head_camera"), ValueError, "intrinsic_cv' holds NaN/inf at frame 2", before="not checked: NaN rays in the sample"),
-    reader("sample with infinite rays", lambda fx, t: RobotDataset(zero_intrinsics(fx, t), 32, chunk=4)[0],
-           ValueError, "episode 0 frame 0", "'rays'", before="not checked: inf rays reached the batch"),
-    reader("Stats of NaN", lambda fx, t: Stats.compute(np.array([[0.0, np.nan], [1.0, 2.0]]), np.zeros((2, 3)),
-           "demo.parquet"), ValueError, r"demo.parquet: state dims \[1\]", before="NaN mean and std, every sample NaN"),
-]
-
-
-@pytest.mark.parametrize("call,error,text", READER_CASES)
-def test_readers_refuse_or_report(fx, tmp_path, call, error, text):
-    if issubclass(error, Warning):
-        with pytest.warns(error) as caught:
-            call(fx, str(tmp_path))
-        message = "\n".join(str(w.message) for w in caught)
-    else:
-        with pytest.raises(error) as e:
-            call(fx, str(tmp_path))
-        message = str(e.value)
-    for t in text:
-        assert re.search(t, message), f"{t!r} not in {message!r}"
-
-
-def test_skip_bad_replaces_a_non_finite_sample_and_counts_it(fx, tmp_path):
-    ds = RobotDataset(zero_intrinsics(fx, str(tmp_path)), 32, chunk=4, skip_bad=True)
-    with pytest.warns(UserWarning, match="skipping sample 0"):
-        item = ds[0]
-    assert item["skipped"] == 12 and np.isfinite(item["rays"]).all()  # the 12 frames of episode 0, then episode 1
 
 
 def test_save_refuses_non_finite_weights(fx, tmp_path):

@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 
 import checkpoint
 import convert
-from model import attention_mask, joint_layer, load_checkpoint, time_embedding, tiny_config
+from config import tiny_config
+from joint import attention_mask, joint_layer
+from model import load_checkpoint, time_embedding
 from test_model import make_batch, tiny_bins
 from tokenizer import build_tiny_tokenizer
 

@@ -1,5 +1,6 @@
-"""Samples (data.py): pseudo multi-view grounding, robot chunks and waypoints, stats, mixing,
-collation, DataLoader workers, skipping bad samples and the CLI. Fixtures from test_formats.py.
+"""Samples (data.py, waypoints.py, stats.py, loading.py): pseudo multi-view grounding, robot chunks
+and waypoints, stats, mixing, collation, DataLoader workers, skipping bad samples and the CLI.
+Fixtures from test_formats.py and test_robot_formats.py.
 
 Catches: a crop whose K no longer reprojects the 3D box onto its 2D box, a box filter applied in
 the wrong pixels, negatives that name a present class, waypoints in the world frame instead of the
@@ -17,15 +18,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_formats import (CAM_POSES, CAMS, KV, corners, ee16, look_at, proj_box, robotwin_frame,  # noqa: E402
-                          write_bop, write_lerobot, write_omni3d, write_robotwin)
+from test_formats import corners, proj_box, write_bop, write_omni3d  # noqa: E402
+from test_robot_formats import (CAM_POSES, CAMS, KV, ee16, look_at, robotwin_frame, write_lerobot,  # noqa: E402
+                                write_robotwin)
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 import data  # noqa: E402
-from data import (Collator, GroundingDataset, MixtureSampler, RobotDataset, Stats,  # noqa: E402
-                  TrajectoryConfig, ViewConfig, fit_bins, make_loader, mixture_weights, open_datasets)
+import stats  # noqa: E402
+from data import Collator, GroundingDataset, RobotDataset, ViewConfig, fit_bins, open_datasets  # noqa: E402
+from loading import MixtureSampler, make_loader, mixture_weights  # noqa: E402
+from stats import Stats  # noqa: E402
 from tokenizer import PoseBins, PoseTokenizer, build_tiny_tokenizer, extend_tokenizer, quat_to_matrix  # noqa: E402
+from waypoints import TrajectoryConfig  # noqa: E402
 
 S = 112
 
@@ -95,8 +100,8 @@ def test_grounding_negatives_and_determinism(omni):
     i = [k for k, (_, n) in enumerate(ds.samples) if n == "red cube"][0]
     views, prompt, target = ds.build(i)  # image holds red cube + blue bowl: only green ball shares no word
     assert prompt == "detect the green ball" and target == tok.encode_negative("green ball", 3)
-    dense, prompt, _ = ds.build(i, every_object=True)  # never a negative; same crops, every object
-    assert prompt == "detect the red cube" and [v.crop for v in dense] == [v.crop for v in views]
+    dense, *text = ds.build(i, every_object=True)  # the same crops, prompt and target; every object listed
+    assert text == [prompt, target] and [v.crop for v in dense] == [v.crop for v in views]
     assert {o.name for v in dense for o in v.objects} == {"red cube", "blue bowl"}
     ds = GroundingDataset(omni, tok, S, seed=5)
     a, b = ds[1], ds[1]
@@ -282,8 +287,8 @@ def test_stats_cached_and_round_trip(tmp_path, lerobot):
     x = np.random.default_rng(0).normal(size=(7, 16)).astype(np.float32)
     np.testing.assert_allclose(st.unnormalize(st.normalize(x, "action"), "action"), x, atol=1e-6)
     i = ds.index.index((0, 1, 3))  # the dataset's items use the floored std (a quaternion dim has std 1.5e-3)
-    std = np.maximum(st.state["std"], data.STD_FLOOR)
-    want = np.clip((ee16(1, 3) - st.state["mean"]) / std, -data.STATE_CLIP, data.STATE_CLIP)
+    std = np.maximum(st.state["std"], stats.STD_FLOOR)
+    want = np.clip((ee16(1, 3) - st.state["mean"]) / std, -stats.STATE_CLIP, stats.STATE_CLIP)
     np.testing.assert_allclose(ds[i]["state"], want, atol=1e-5)
     with pytest.raises(ValueError, match="state has width 14; the statistics expect 16"):
         st.normalize(x[:, :14], "state")
@@ -315,8 +320,8 @@ def test_stats_floor_the_std_and_clip_the_state():
                          [0.0, -0.5, 0.3, 0.0]])  # far off: clipped
     z = st.normalize(x, "state")
     np.testing.assert_allclose(z[:, [0, 3]], (x[:, [0, 3]] - mean[[0, 3]]) / std[[0, 3]], rtol=1e-6)
-    np.testing.assert_allclose(z[:, 1], [0.02 / data.STD_FLOOR, 0.05 / data.STD_FLOOR, -data.STATE_CLIP], rtol=1e-4)
-    assert z[2, 2] == data.STATE_CLIP and np.all(np.abs(z) <= data.STATE_CLIP)
+    np.testing.assert_allclose(z[:, 1], [0.02 / stats.STD_FLOOR, 0.05 / stats.STD_FLOOR, -stats.STATE_CLIP], rtol=1e-4)
+    assert z[2, 2] == stats.STATE_CLIP and np.all(np.abs(z) <= stats.STATE_CLIP)
 
 
 def test_stats_unnormalize_floored_actions():
@@ -325,10 +330,10 @@ def test_stats_unnormalize_floored_actions():
     st, mean, std = stats_with_a_still_dim()
     noise = np.array([[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 1.0]])
     moved = np.abs(st.unnormalize(noise, "action") - mean)
-    assert np.all(moved[:, [1, 2]] <= data.STD_FLOOR * (1 + 1e-5))
+    assert np.all(moved[:, [1, 2]] <= stats.STD_FLOOR * (1 + 1e-5))
     np.testing.assert_allclose(moved[:, [0, 3]], np.tile(std[[0, 3]], (2, 1)), rtol=1e-5)
     x = mean + np.array([[8.0 * std[0], 0.3, -0.2, -9.0 * std[3]], [-0.1, 1e-5, 0.0, 0.5]])
-    assert np.abs(st.normalize(x, "action")).max() > data.STATE_CLIP
+    assert np.abs(st.normalize(x, "action")).max() > stats.STATE_CLIP
     np.testing.assert_allclose(st.unnormalize(st.normalize(x, "action"), "action"), x, rtol=1e-6, atol=1e-6)
 
 

@@ -21,7 +21,7 @@ import eval_sim  # noqa: E402
 import libero_env  # noqa: E402
 import policy as policy_mod  # noqa: E402
 import sim  # noqa: E402
-from data import Stats  # noqa: E402
+from stats import Stats  # noqa: E402
 from fusion import letterbox, ray_map  # noqa: E402
 import metrics  # noqa: E402
 from metrics import centre_errors  # noqa: E402
@@ -311,7 +311,8 @@ def test_scored_decode_scores_each_tuple_by_its_tokens():
     the tuples equal those of decoding the whole text, and AP ranks by those scores."""
     from data import View
     from metrics import evaluate
-    from model import attach_tokenizer, tiny_config
+    from config import tiny_config
+    from model import attach_tokenizer
     from tokenizer import ObjectPose, build_tiny_tokenizer
     rng = np.random.default_rng(4)
     bins = PoseBins.fit(rng.normal(0, 0.3, (500, 3)) + [0, 0, 0.9], rng.uniform(0.03, 0.12, (500, 3)), n_bins=64)

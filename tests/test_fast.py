@@ -14,7 +14,8 @@ import torch
 
 import bench
 from fast import FastSampler
-from model import VISUAL_KEYS, build_model, roll_samples
+from model import build_model
+from sensitivity import VISUAL_KEYS, roll_samples
 from test_model import make_batch, tiny_bins
 
 

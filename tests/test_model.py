@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import PaliGemmaForConditionalGeneration
 
-from model import (ACTION, LABEL, PREFIX, STATE, PoseVLA, attention_mask, build_model, count_parameters,
-                   image_sensitivity, last_index, load_checkpoint, paligemma_3b_config, paligemma_dict,
-                   decode_step, save_checkpoint, token_positions)
+from config import paligemma_3b_config, paligemma_dict
+from joint import ACTION, LABEL, PREFIX, STATE, attention_mask, token_positions
+from model import PoseVLA, build_model, count_parameters, decode_step, last_index, load_checkpoint, save_checkpoint
+from sensitivity import image_sensitivity
 from tokenizer import PoseBins, build_tiny_tokenizer, loc_tokens
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 import posttrain
 import pretrain
 import sim_export
-from data import Stats
+from stats import Stats
 from model import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,7 @@ def stage1(data, tmp_path_factory):
 
 def test_config_names_its_preset_and_old_checkpoints_fall_back_to_shapes():
     from dataclasses import asdict
-    from model import CONFIGS, PoseVLAConfig
+    from config import CONFIGS, PoseVLAConfig
     from trainer import config_name
     for name, make in CONFIGS.items():
         old = {k: v for k, v in asdict(make()).items() if k != "preset"}  # a config.json from before the field
@@ -255,7 +255,8 @@ def test_batches_run_epoch_after_epoch_through_one_loader_and_resume_anywhere(da
     """One DataLoader for three epochs; each epoch is MixtureSampler's order cut to whole batches,
     its samples built for that epoch (as dataset.set_epoch(epoch) then dataset[i] builds them), and
     a run resumed from any position (an epoch's end included) draws the same batches next."""
-    from data import Collator, MixtureSampler
+    from data import Collator
+    from loading import MixtureSampler
     from tokenizer import build_tiny_tokenizer
     made = []
 

@@ -92,8 +92,9 @@ def test_token_loss_wants_direction_norm_and_slots():
 
 
 def test_teacher_tokens_replace_only_the_marked_samples_and_match_their_views(tmp_path):
-    """vlm.Teacher's tokens are the patch_tokens of the very crops its sample shows, and
-    model.embed_views puts them in place of the tower's tokens for the marked samples only."""
+    """vlm.Teacher's items are its ground's own (negatives too) plus tokens that are the patch_tokens
+    of the very crops the sample shows, and model.embed_views puts them in place of the tower's
+    tokens for the marked samples only."""
     torch.manual_seed(0)
     root = write_square_scenes(str(tmp_path / "sq"), 4, 0)
     bins = fit_bins([root], n_bins=32)
@@ -106,6 +107,14 @@ def test_teacher_tokens_replace_only_the_marked_samples_and_match_their_views(tm
     want = vlm.patch_tokens(model, torch.tensor(teach.targets.words), words, box, tok.convert_tokens_to_ids("<no_object>"))
     assert torch.allclose(torch.from_numpy(item["teacher_tokens"]), want, atol=1e-5)
     assert item["teacher_tokens"].shape == (2, 64, model.lm.config.hidden_size)
+    ruby = write_square_scenes(str(tmp_path / "ruby"), 2, 1, squares={"ruby": SQUARES["red square"]})
+    negatives = GroundingDataset([ruby, root], PoseTokenizer(bins, S_GATE), S_GATE, n_views=2, neg_frac=1.0,
+                                 targets="boxes")                              # ruby scenes: "detect the ... square"
+    for ds, index in ((ground, (3, 5)), (negatives, (0, 0)), (negatives, (0, 1))):
+        got, want = vlm.Teacher(ds, model, tok)[index], ds[index]
+        assert got.keys() - {"teacher_tokens"} == want.keys()
+        assert all(np.array_equal(got[k], want[k]) for k in want), index
+    assert negatives[(0, 0)]["prompt"].endswith("square")
     batch = Collator(tok)([teach[(0, i)] for i in range(3)])
     plain, _ = model.embed_views(batch)
     mixed, _ = model.embed_views({**batch, "use_teacher": torch.tensor([False, True, False])})

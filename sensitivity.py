@@ -1,0 +1,78 @@
+"""Image sensitivity: does the model use its images at all?
+
+image_sensitivity() measures how much the outputs change when samples swap their views: the
+teacher-forced next-token distributions at the label positions (total variation, overall and at the
+<loc> targets) and the sampled action chunk (L2), with the change when the prompts are swapped
+instead as the scale of a change the model does react to. Logged at every held-out evaluation
+(trainer.py); a model that ignores its images shows ~0 here however low its loss.
+"""
+import torch
+
+
+VISUAL_KEYS = ("images", "view_mask", "rays", "has_rays", "depth", "has_depth")
+SENSITIVITY_KEYS = ("img_tv", "img_tv_loc", "img_action_delta", "img_action_delta_first",
+                    "prompt_action_delta", "prompt_action_delta_first")
+
+
+def roll_samples(batch, keys):
+    """The batch with `keys` rolled by one along dim 0 (sample i gets sample i-1's), the rest kept."""
+    return {k: v.roll(1, dims=0) if k in keys else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def image_sensitivity(model, batch, loc_ids=None, seed=0):
+    """How much the outputs change when every sample sees another sample's views (images, masks,
+    ray and depth priors rolled by one over the batch; prompt, labels and state kept). Floats, NaN
+    where the batch has no such part:
+      img_tv: mean total-variation distance between the teacher-forced next-token distributions at
+        the label positions with the true vs swapped views; img_tv_loc: the same over the positions
+        whose target is a <loc> token (loc_ids: their token ids), the location stage 1 must learn;
+      img_action_delta: mean L2 change of the sampled chunk (normalised units) for a fixed noise,
+        over the chunk (_first: its first step); prompt_action_delta: the same when the prompts are
+        swapped instead, the scale of a change the model does react to.
+    Runs in eval mode (the previous mode is restored) and draws nothing from the global RNG, so a
+    resumed training run stays exact."""
+    B = batch["images"].shape[0]
+    if B < 2:
+        raise ValueError(f"image_sensitivity swaps views between samples: needs a batch of >= 2, got {B}")
+    out = dict.fromkeys(SENSITIVITY_KEYS, float("nan"))
+    swapped = roll_samples(batch, VISUAL_KEYS)
+    was_training = model.training
+    model.eval()
+    try:
+        if batch.get("label_ids") is not None:
+            out.update(_label_tv(model, batch, swapped, loc_ids))
+        if "actions" in batch:
+            out.update(_action_deltas(model, batch, swapped, seed))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _label_tv(model, batch, swapped, loc_ids):
+    mask = batch["label_mask"]                                                  # (B, Tl)
+    probs = []
+    for b in (batch, swapped):
+        vlm_h, _, p_valid = model.joint_forward(b)
+        probs.append(model.label_logits(vlm_h, p_valid)[mask].float().softmax(-1))  # (N, V)
+    tv = 0.5 * (probs[0] - probs[1]).abs().sum(-1)                              # (N,)
+    out = {"img_tv": tv.mean().item()}
+    if loc_ids is not None:
+        is_loc = torch.isin(batch["label_ids"][mask], torch.as_tensor(loc_ids, device=tv.device))
+        if is_loc.any():
+            out["img_tv_loc"] = tv[is_loc].mean().item()
+    return out
+
+
+def _action_deltas(model, batch, swapped, seed):
+    actions = batch["actions"]                                                  # (B, H, D)
+    noise = torch.randn(actions.shape, generator=torch.Generator().manual_seed(seed)).to(actions)
+    # Only the dims the data fills: zero-padding up to max_dim (and constant dims) is 0 in every sample.
+    dims = actions.flatten(0, 1).abs().amax(0) > 0                              # (D,)
+    base = model.sample_actions(batch, noise=noise)[..., dims].float()          # (B, H, d)
+    out = {}
+    for name, other in (("img", swapped), ("prompt", roll_samples(batch, ("prompt_ids", "prompt_mask")))):
+        step = (model.sample_actions(other, noise=noise)[..., dims].float() - base).norm(dim=-1)  # (B, H)
+        out[f"{name}_action_delta"] = step.mean().item()
+        out[f"{name}_action_delta_first"] = step[:, 0].mean().item()
+    return out
