@@ -30,7 +30,7 @@ from data import RobotDataset  # noqa: E402
 from fusion import letterbox, ray_map  # noqa: E402
 from policy import Policy  # noqa: E402
 from robot_formats import LeRobotSource, open_source, write_lerobot  # noqa: E402
-from test_eval import make_ckpt, read_results  # noqa: E402,F401 - make_ckpt is a fixture
+import test_eval  # noqa: E402
 from tokenizer import euler_to_matrix  # noqa: E402
 
 try:
@@ -38,6 +38,9 @@ try:
     HAVE_LIBERO, WHY = True, ""
 except OSError as e:  # EnvironmentError: one of errors.BAD_INPUT, so the CLI prints one line
     HAVE_LIBERO, WHY = False, str(e)
+    if os.environ.get("POSEVLA_REQUIRE_LIBERO"):  # .ci/run in .venv-libero: the simulator must be there
+        raise RuntimeError(f"POSEVLA_REQUIRE_LIBERO is set but LIBERO does not import: {e}") from None
+make_ckpt, read_results = test_eval.make_ckpt, test_eval.read_results  # a tiny checkpoint (fixture), results.json
 real = pytest.mark.skipif(not HAVE_LIBERO, reason=f"LIBERO simulator not installed (run in .venv-libero): {WHY}")
 
 
