@@ -22,6 +22,10 @@ Observation -> policy input:
   - intrinsics from the camera's vertical field of view (f = (H/2) / tan(fovy/2)), extrinsics from
     the simulator (robosuite returns camera->world with OpenCV axes), metric depth from the z-buffer.
 View order: agentview then eye-in-hand, i.e. the checkpoint's first camera is the third-person view.
+
+record_libero() records episodes from the simulator (exploration motion, not demonstrations) as the
+public LIBERO LeRobot layout with robot_formats.write_lerobot, so reading, post-training and
+evaluation can all meet the real simulator (tests/test_libero.py).
 """
 import math
 import os

@@ -391,14 +391,30 @@ def test_real_protocol_init_states_settle_steps_limits_and_seed(recorded, make_c
     for name in libero_env.SUITES:
         s = bench[name]()
         assert s.n_tasks == 10 and len(s.get_task_init_states(0)) == libero_env.N_INIT_STATES
+    from robosuite import macros
+
+    class Still:  # a policy that asks for a small move with the gripper closed, and counts its calls
+        calls = 0
+
+        def reset(self):
+            pass
+
+        def act(self, views, state, prompt):
+            Still.calls += 1
+            assert len(views) == 2 and state.shape == (8,) and prompt == "go"
+            return np.r_[0.05, np.zeros(5), 0.7]
+
     steps, step = [], env.step
     env.step = lambda a: steps.append(np.array(a)) or step(a)
     try:
         init = suite.get_task_init_states(0)[1]
-        libero_env.start_episode(env, init)
+        assert libero_env.libero_episode(env, init, Still(), "go", 5, macros.IMAGE_CONVENTION) == (False, 5)
     finally:
         del env.step
-    assert len(steps) == libero_env.SETTLE_STEPS and all((a == libero_env.NOOP).all() for a in steps)
+    # 10 settle steps with the no-op (not counted against the limit), then exactly `limit` policy steps
+    assert len(steps) == libero_env.SETTLE_STEPS + 5 and Still.calls == 5
+    assert all((a == libero_env.NOOP).all() for a in steps[:libero_env.SETTLE_STEPS])
+    np.testing.assert_array_equal(steps[-1], np.r_[0.05, np.zeros(5), 1.0])  # gripper binarised to close
     task = suite.get_task(0).name
     out = str(tmp_path / "ev")
     ck = make_ckpt("libero", robot="libero", stride=1, state_dim=8, action_dim=7, cameras=["image", "wrist_image"])
