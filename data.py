@@ -1,6 +1,6 @@
 """Training samples for Pose-VLA: pseudo multi-view grounding, robot chunks, collation.
 
-method.md §7 (training data), §3 (target text), §10 (formats, read in formats.py and robot_formats.py).
+method.md §7 (training data), §3 (target text), §10 (formats, read in formats.py, lerobot.py and robotwin.py).
   - GroundingDataset (pre-training stage 1): one item = one (image, class). The image becomes a
     near-full "head" crop and two "wrist" crops, each letterboxed with its own K; the target lists
     every instance of the class per view, or is a negative (10 %) for an absent class.

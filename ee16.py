@@ -1,7 +1,7 @@
 """The 16-number end-effector layout every robot in this project acts in and reports its state in
 (method.md §2): per arm [x, y, z, qw, qx, qy, qz, gripper], the left arm first. Positions are
 world-frame metres, quaternions unit length with w first, the gripper opening in [0, 1] (1 = open).
-The readers convert a robot's own layout to it (robot_formats.py), the tabletop world acts in it
+The readers convert a robot's own layout to it (lerobot.py, robotwin.py), the tabletop world acts in it
 (sim.py, expert.py), trajectory targets read the hands' poses from it (data.py) and the policy
 makes predicted chunks valid in it (policy.py)."""
 

@@ -3,7 +3,7 @@
 Each becomes a list of `SceneImage` records (image and depth paths, K, 3D objects in metres):
   - Omni3D JSON (Objectron, ARKitScenes, SUN RGB-D and the built-in tabletop scenes),
   - BOP scene folders (millimetres -> metres, `visib_fract` filter, id-to-name map).
-Also here, shared with the robot readers of robot_formats.py: the image/depth decoders with errors
+Also here, shared with the robot readers of lerobot.py and robotwin.py: the image/depth decoders with errors
 that name the file, `report_dropped` (what a reader left out and why, one warning per dataset or
 file), and `detect_format`, which names the format stored at a path (omni3d, bop, lerobot or
 robotwin). Every error names the file, the key and what was expected; a unit the format leaves to

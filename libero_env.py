@@ -24,7 +24,7 @@ Observation -> policy input:
 View order: agentview then eye-in-hand, i.e. the checkpoint's first camera is the third-person view.
 
 record_libero() records episodes from the simulator (exploration motion, not demonstrations) as the
-public LIBERO LeRobot layout with robot_formats.write_lerobot, so reading, post-training and
+public LIBERO LeRobot layout with lerobot.write_lerobot, so reading, post-training and
 evaluation can all meet the real simulator (tests/test_libero.py).
 """
 import math
@@ -209,10 +209,10 @@ def record_libero(out, suite_name="libero_spatial", task_id=0, episodes=2, steps
                   geometry=False, seed=0):
     """Record `episodes` episodes of one LIBERO task (initial states 0, 1, ...; the protocol's settle
     steps first, not recorded) driven by exploration_actions, as the public LIBERO LeRobot layout
-    (robot_formats.write_lerobot with keys="libero": `image`, `wrist_image` as the evaluators see
+    (lerobot.write_lerobot with keys="libero": `image`, `wrist_image` as the evaluators see
     them, `state` = libero_state, `actions` = the executed action). `geometry`: also K and metric depth
     per camera (the public data has neither). Returns (episodes, frames)."""
-    from robot_formats import write_lerobot
+    from lerobot import write_lerobot
     from robosuite import macros
     suite, task, env = make_env(suite_name, task_id, size, depth=geometry)
     init, rng = suite.get_task_init_states(task_id), np.random.default_rng(seed)

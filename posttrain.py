@@ -48,7 +48,7 @@ class Recipe:
     stride: int = 1        # dataset frames between chunk steps
     batch_size: int = 32
     steps: int = 30_000
-    keys: str | None = None  # a LeRobot dataset's own feature names (robot_formats.KEY_MAPS layout)
+    keys: str | None = None  # a LeRobot dataset's own feature names (lerobot.KEY_MAPS layout)
 
 
 RECIPES = {

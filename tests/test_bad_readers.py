@@ -1,5 +1,5 @@
 """Bad input at the readers and the statistics (issue: bad input never trains silently, never
-crashes bare): READER_CASES calls a reader (formats.py, robot_formats.py), a dataset item or
+crashes bare): READER_CASES calls a reader (formats.py, lerobot.py, robotwin.py), a dataset item or
 Stats.compute on a broken copy of a fixture; each must raise a clear exception naming the file and
 what was wrong, or, with --skip-bad, warn what it left out.
 
@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import RobotDataset  # noqa: E402
 from formats import read_bop, read_omni3d  # noqa: E402
-from robot_formats import RoboTwinSource, open_source  # noqa: E402
+from robot_formats import open_source  # noqa: E402
+from robotwin import RoboTwinSource  # noqa: E402
 from stats import Stats  # noqa: E402
 from test_bad_input import CASES, bad_input_lerobot, edit_json, lerobot_with, set_row  # noqa: E402
 from test_formats import write_bop, write_omni3d  # noqa: E402

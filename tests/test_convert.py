@@ -49,49 +49,24 @@ def source_state(layout, seed=0):
     """A random state dict in one released layout, at the tiny config's sizes."""
     prefix, names, priors, extra_rows, matrices = LAYOUTS[layout]
     cfg = tiny_config()
-    t, v = cfg.text, cfg.vision
-    W, L, hd, We = t["hidden_size"], t["num_hidden_layers"], t["head_dim"], cfg.expert_width
-    H, KV, M, Me = t["num_attention_heads"], t["num_key_value_heads"], t["intermediate_size"], cfg.expert_mlp
-    Dv, p, S = v["hidden_size"], v["patch_size"], v["image_size"]
+    W, We, Dv, p = cfg.text["hidden_size"], cfg.expert_width, cfg.vision["hidden_size"], cfg.vision["patch_size"]
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: (torch.randn(*shape, generator=g) * 0.05).to(torch.bfloat16)  # noqa: E731
     norm = lambda n: (torch.randn(n, generator=g) * 0.3).to(torch.bfloat16)  # noqa: E731 (nonzero: 1 + w matters)
     sd = {}
-
-    def gemma_layers(base, width, mlp):
-        for i in range(L):
-            k = f"{base}layers.{i}."
-            sd.update({k + "self_attn.q_proj.weight": r(H * hd, width), k + "self_attn.k_proj.weight": r(KV * hd, width),
-                       k + "self_attn.v_proj.weight": r(KV * hd, width), k + "self_attn.o_proj.weight": r(width, H * hd),
-                       k + "mlp.gate_proj.weight": r(mlp, width), k + "mlp.up_proj.weight": r(mlp, width),
-                       k + "mlp.down_proj.weight": r(width, mlp),
-                       k + "input_layernorm.weight": norm(width), k + "post_attention_layernorm.weight": norm(width)})
-        sd[base + "norm.weight"] = norm(width)
-
     embed = r(N_BASE + extra_rows, W)
     if matrices in ("embed", "both"):
         sd[TEXT[names] + "embed_tokens.weight"] = embed
     if matrices in ("head", "both"):
         sd[HEAD[names]] = embed.clone()
-    gemma_layers(TEXT[names], W, M)
-    gemma_layers(EXPERT, We, Me)
+    sd.update(gemma_layers(cfg, TEXT[names], W, cfg.text["intermediate_size"], r, norm))
+    sd.update(gemma_layers(cfg, EXPERT, We, cfg.expert_mlp, r, norm))
     # The expert's unused vocabulary: openpi keeps its LM head (embed_tokens is set to None), lerobot's
     # JAX conversion stores zeros for both.
     sd["paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.zeros(N_BASE, We)
     if prefix == "model.":
         sd["paligemma_with_expert.gemma_expert.model.embed_tokens.weight"] = torch.zeros(N_BASE, We)
-    vb = VISION[names]
-    sd.update({vb + "embeddings.patch_embedding.weight": r(Dv, 3, p, p), vb + "embeddings.patch_embedding.bias": r(Dv),
-               vb + "embeddings.position_embedding.weight": r((S // p) ** 2, Dv),
-               vb + "post_layernorm.weight": 1 + r(Dv), vb + "post_layernorm.bias": r(Dv)})
-    for i in range(v["num_hidden_layers"]):
-        k = f"{vb}encoder.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd.update({k + f"self_attn.{n}.weight": r(Dv, Dv), k + f"self_attn.{n}.bias": r(Dv)})
-        sd.update({k + "mlp.fc1.weight": r(v["intermediate_size"], Dv), k + "mlp.fc1.bias": r(v["intermediate_size"]),
-                   k + "mlp.fc2.weight": r(Dv, v["intermediate_size"]), k + "mlp.fc2.bias": r(Dv)})
-        for n in ("layer_norm1", "layer_norm2"):
-            sd.update({k + f"{n}.weight": 1 + r(Dv), k + f"{n}.bias": r(Dv)})
+    sd.update(vision_tower(cfg, VISION[names], r))
     sd.update({PROJ[names] + "weight": r(W, Dv), PROJ[names] + "bias": r(W)})
     D = cfg.max_dim
     sd.update({"state_proj.weight": r(We, D), "state_proj.bias": r(We), "action_in_proj.weight": r(We, D),
@@ -104,6 +79,40 @@ def source_state(layout, seed=0):
             sd.update({k + "fc1.weight": r(4 * Dv, c * p * p), k + "fc1.bias": r(4 * Dv),
                        k + "fc2.weight": r(Dv, 4 * Dv), k + "fc2.bias": r(Dv)})
     return {(prefix + k if not k.startswith("model.") else k): val for k, val in sd.items()}
+
+
+def gemma_layers(cfg, base, width, mlp, r, norm):
+    """The decoder layers and final norm of one Gemma (the VLM's or the expert's) under `base`;
+    `r`, `norm`: the random weight and norm makers of source_state."""
+    t, sd = cfg.text, {}
+    H, KV, hd = t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]
+    for i in range(t["num_hidden_layers"]):
+        k = f"{base}layers.{i}."
+        sd.update({k + "self_attn.q_proj.weight": r(H * hd, width), k + "self_attn.k_proj.weight": r(KV * hd, width),
+                   k + "self_attn.v_proj.weight": r(KV * hd, width), k + "self_attn.o_proj.weight": r(width, H * hd),
+                   k + "mlp.gate_proj.weight": r(mlp, width), k + "mlp.up_proj.weight": r(mlp, width),
+                   k + "mlp.down_proj.weight": r(width, mlp),
+                   k + "input_layernorm.weight": norm(width), k + "post_attention_layernorm.weight": norm(width)})
+    sd[base + "norm.weight"] = norm(width)
+    return sd
+
+
+def vision_tower(cfg, vb, r):
+    """The SigLIP tower's weights under `vb` (patch and position embeddings, layers, final norm)."""
+    v = cfg.vision
+    Dv, p, S, M = v["hidden_size"], v["patch_size"], v["image_size"], v["intermediate_size"]
+    sd = {vb + "embeddings.patch_embedding.weight": r(Dv, 3, p, p), vb + "embeddings.patch_embedding.bias": r(Dv),
+          vb + "embeddings.position_embedding.weight": r((S // p) ** 2, Dv),
+          vb + "post_layernorm.weight": 1 + r(Dv), vb + "post_layernorm.bias": r(Dv)}
+    for i in range(v["num_hidden_layers"]):
+        k = f"{vb}encoder.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd.update({k + f"self_attn.{n}.weight": r(Dv, Dv), k + f"self_attn.{n}.bias": r(Dv)})
+        sd.update({k + "mlp.fc1.weight": r(M, Dv), k + "mlp.fc1.bias": r(M),
+                   k + "mlp.fc2.weight": r(Dv, M), k + "mlp.fc2.bias": r(Dv)})
+        for n in ("layer_norm1", "layer_norm2"):
+            sd.update({k + f"{n}.weight": 1 + r(Dv), k + f"{n}.bias": r(Dv)})
+    return sd
 
 
 # Pose-VLA's save_pretrained folder holds its tokenizer: PaliGemma's plus its own added tokens, here

@@ -201,33 +201,40 @@ def test_cli_runs_end_to_end_with_a_random_checkpoint(scene, ckpt, tmp_path):
     assert bad.returncode == 1 and bad.stderr.startswith("error: --K"), bad.stderr
 
 
-def test_garbage_generation_is_reported_not_raised(scene, ckpt, bins, tmp_path, monkeypatch, capsys):
-    """The model writes one good tuple among malformed ones: the good one is printed in the original
-    frame and drawn, the rest are counted; a <no_object> answer and a tuple behind the camera do
-    not crash the report or the drawing."""
+# What the faked model writes per name: one good tuple among malformed ones, <no_object> answers, junk.
+GOOD = " green cube<loc0500><loc0400><transXY0030><transXY0031><transZ0032><size0010><size0011><size0012>" \
+       "<rot180><rot181><rot182>;"
+GARBAGE = {
+    "green cube": f"<image0>{GOOD} junk<loc9999>; red<rot999><size0001>; left arm 0<loc0001><loc0002>"
+                  "<transXY0001><transXY0002><transZ0003><rot001><rot002><rot003>;;</image0><image7> x;</image3>"
+                  "</image0>",
+    "yellow cube": "<image0> yellow cube<no_object></image0><image1> yellow cube<no_object></image1>",
+    "blue cube": "<<<>>> <image0 ;;; <loc>",
+}
+
+
+def fake_generation(monkeypatch, ckpt, texts):
+    """PoseVLA.generate answers texts[name] for each name, in the order of `texts`."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(os.path.join(ckpt, "tokenizer"))
-    good = " green cube<loc0500><loc0400><transXY0030><transXY0031><transZ0032><size0010><size0011><size0012>" \
-           "<rot180><rot181><rot182>;"
-    texts = {
-        "green cube": f"<image0>{good} junk<loc9999>; red<rot999><size0001>; left arm 0<loc0001><loc0002>"
-                      "<transXY0001><transXY0002><transZ0003><rot001><rot002><rot003>;;</image0><image7> x;</image3>"
-                      "</image0>",
-        "yellow cube": "<image0> yellow cube<no_object></image0><image1> yellow cube<no_object></image1>",
-        "blue cube": "<<<>>> <image0 ;;; <loc>",
-    }
-    names = list(texts)
 
     def fake_generate(self, batch, max_new_tokens=256, return_scores=False):
-        rows = [tok(texts[n], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for n in names]
+        rows = [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for text in texts.values()]
         ids = torch.full((len(rows), max(map(len, rows))), tok.eos_token_id)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r)
         return ids, torch.full(ids.shape, -0.5)
     monkeypatch.setattr(model_mod.PoseVLA, "generate", fake_generate)
+
+
+def test_garbage_generation_is_reported_not_raised(scene, ckpt, bins, tmp_path, monkeypatch, capsys):
+    """The model writes one good tuple among malformed ones: the good one is printed in the original
+    frame and drawn, the rest are counted; a <no_object> answer and a tuple behind the camera do
+    not crash the report or the drawing."""
+    fake_generation(monkeypatch, ckpt, GARBAGE)
     root, out = scene["root"], str(tmp_path / "g.png")
     found = ground.main(["--ckpt", ckpt, "--image", str(root / "rgb.png"), "--K", str(root / "K.json"),
-                         "--names", *names, "--out", out, "--device", "cpu"])
+                         "--names", *GARBAGE, "--out", out, "--device", "cpu"])
     text = capsys.readouterr().out
     assert len(found) == 1 and found[0].name == "green cube" and found[0].query == "green cube"
     lines = text.splitlines()
@@ -248,7 +255,11 @@ def test_garbage_generation_is_reported_not_raised(scene, ckpt, bins, tmp_path, 
     z = img.shape[1] // scene["rgb"].shape[1]
     v, u = np.nonzero(np.all(img == (255, 255, 0), axis=-1))
     np.testing.assert_allclose([u.min(), v.min(), u.max(), v.max()], d.box2d * z, atol=2 * z)
-    # A pose behind the camera (or straddling it) is still reported, without a projection, and drawn safely
+    check_poses_behind_the_camera(scene, view)
+
+
+def check_poses_behind_the_camera(scene, view):
+    """A pose behind the camera (or straddling it) is still reported, without a projection, and drawn safely."""
     from tokenizer import DecodedTuple
     q = np.array([1.0, 0, 0, 0])
     odd = [DecodedTuple("q", np.array([50.0, 50]), np.array([0.0, 0, -0.5]), np.full(3, 0.1), q, np.zeros(3)),

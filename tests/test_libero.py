@@ -1,4 +1,4 @@
-"""Tests for libero_env.py, the LeRobot writer and key maps (robot_formats.py), the priors a checkpoint
+"""Tests for libero_env.py, the LeRobot writer and key maps (lerobot.py), the priors a checkpoint
 records (posttrain.py -> policy.py / eval_sim.py) and the world's GL context next to another renderer.
 
 Two groups: those that need no simulator (geometry, the state formula, the public LIBERO layout,
@@ -25,11 +25,13 @@ sys.path.insert(0, ROOT)
 import eval_sim  # noqa: E402
 import libero_env  # noqa: E402
 import posttrain  # noqa: E402
+import render  # noqa: E402
 import sim  # noqa: E402
 from data import RobotDataset  # noqa: E402
 from fusion import letterbox, ray_map  # noqa: E402
+from lerobot import LeRobotSource, write_lerobot  # noqa: E402
 from policy import Policy  # noqa: E402
-from robot_formats import LeRobotSource, open_source, write_lerobot  # noqa: E402
+from robot_formats import open_source  # noqa: E402
 import test_eval  # noqa: E402
 from tokenizer import euler_to_matrix  # noqa: E402
 
@@ -129,10 +131,28 @@ def write_public_libero(root, lengths=(3, 2), size=16):
     there, HWC, stored as {bytes: PNG, path} structs in the parquet), `state` float32 (8,),
     `actions` float32 (7,), plus timestamp/frame_index/episode_index/index/task_index; no video,
     intrinsics or depth. Returns the frames written."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
-    from sim_export import png_bytes
     rng = np.random.default_rng(0)
+    write_public_libero_meta(root, lengths, size)
+    frames, index = [], 0
+    for e, n in enumerate(lengths):
+        ep = [{"image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+               "wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+               "state": rng.normal(size=8).astype(np.float32), "actions": rng.normal(size=7).astype(np.float32)}
+              for _ in range(n)]
+        frames.append(ep)
+        path = os.path.join(root, "data", "chunk-000", f"episode_{e:06d}.parquet")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(public_libero_table(ep, e, index), path)
+        index += n
+    return frames
+
+
+PUBLIC_LIBERO_TASKS = ["put the bowl on the plate", "open the drawer"]
+
+
+def write_public_libero_meta(root, lengths, size):
+    """meta/info.json, tasks.jsonl and episodes.jsonl of write_public_libero (episode e does task e % 2)."""
     vec = lambda n, name: {"dtype": "float32", "shape": [n], "names": [name]}  # noqa: E731
     img = {"dtype": "image", "shape": [size, size, 3], "names": ["height", "width", "channel"]}
     one = lambda dtype: {"dtype": dtype, "shape": [1], "names": None}  # noqa: E731
@@ -144,7 +164,7 @@ def write_public_libero(root, lengths=(3, 2), size=16):
             "features": {"image": img, "wrist_image": img, "state": vec(8, "state"), "actions": vec(7, "actions"),
                          "timestamp": one("float32"), "frame_index": one("int64"), "episode_index": one("int64"),
                          "index": one("int64"), "task_index": one("int64")}}
-    tasks = ["put the bowl on the plate", "open the drawer"]
+    tasks = PUBLIC_LIBERO_TASKS
     os.makedirs(os.path.join(root, "meta"))
     with open(os.path.join(root, "meta", "info.json"), "w") as f:
         json.dump(info, f, indent=4)
@@ -153,29 +173,23 @@ def write_public_libero(root, lengths=(3, 2), size=16):
     with open(os.path.join(root, "meta", "episodes.jsonl"), "w") as f:
         f.writelines(json.dumps({"episode_index": e, "tasks": [tasks[e % 2]], "length": n}) + "\n"
                      for e, n in enumerate(lengths))
-    image_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    frames, index = [], 0
-    for e, n in enumerate(lengths):
-        ep = [{"image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-               "wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-               "state": rng.normal(size=8).astype(np.float32), "actions": rng.normal(size=7).astype(np.float32)}
-              for _ in range(n)]
-        frames.append(ep)
-        table = pa.table({
-            "image": pa.array([{"bytes": png_bytes(f["image"]), "path": f"frame_{t:06d}.png"}
-                               for t, f in enumerate(ep)], image_t),
-            "wrist_image": pa.array([{"bytes": png_bytes(f["wrist_image"]), "path": f"frame_{t:06d}.png"}
-                                     for t, f in enumerate(ep)], image_t),
-            "state": pa.array([f["state"].tolist() for f in ep], pa.list_(pa.float32(), 8)),  # datasets' Sequence
-            "actions": pa.array([f["actions"].tolist() for f in ep], pa.list_(pa.float32(), 7)),
-            "timestamp": pa.array([t / 10 for t in range(n)], pa.float32()),
-            "frame_index": pa.array(range(n), pa.int64()), "episode_index": pa.array([e] * n, pa.int64()),
-            "index": pa.array(range(index, index + n), pa.int64()), "task_index": pa.array([e % 2] * n, pa.int64())})
-        path = os.path.join(root, "data", "chunk-000", f"episode_{e:06d}.parquet")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        pq.write_table(table, path)
-        index += n
-    return frames
+
+
+def public_libero_table(ep, e, index):
+    """The parquet table of episode e (frames `ep`, dataset index of its first frame `index`)."""
+    import pyarrow as pa
+    from sim_export import png_bytes
+    image_t, n = pa.struct([("bytes", pa.binary()), ("path", pa.string())]), len(ep)
+    return pa.table({
+        "image": pa.array([{"bytes": png_bytes(f["image"]), "path": f"frame_{t:06d}.png"}
+                           for t, f in enumerate(ep)], image_t),
+        "wrist_image": pa.array([{"bytes": png_bytes(f["wrist_image"]), "path": f"frame_{t:06d}.png"}
+                                 for t, f in enumerate(ep)], image_t),
+        "state": pa.array([f["state"].tolist() for f in ep], pa.list_(pa.float32(), 8)),  # datasets' Sequence
+        "actions": pa.array([f["actions"].tolist() for f in ep], pa.list_(pa.float32(), 7)),
+        "timestamp": pa.array([t / 10 for t in range(n)], pa.float32()),
+        "frame_index": pa.array(range(n), pa.int64()), "episode_index": pa.array([e] * n, pa.int64()),
+        "index": pa.array(range(index, index + n), pa.int64()), "task_index": pa.array([e % 2] * n, pa.int64())})
 
 
 def test_the_public_libero_layout_is_read_through_the_recipes_key_map(tmp_path):
@@ -307,7 +321,7 @@ def world_images(env, seed, between=None):
 
 def check_world_renders_after(other_renderer):
     """The world's images after `other_renderer()` has made its own GL context current equal those
-    without it (sim.Views makes the world's context current before each render)."""
+    without it (render.Views makes the world's context current before each render)."""
     env = sim.TabletopEnv("pick", "clean", 0, 32)
     want = world_images(env, 3)
     got = world_images(env, 3, other_renderer)
@@ -321,7 +335,7 @@ def test_world_renders_into_its_own_context_when_another_is_current():
     keep = []
 
     def other():
-        ctx = sim.gl_context(16, 16)  # a second context, as robosuite's renderer makes one
+        ctx = render.gl_context(16, 16)  # a second context, as robosuite's renderer makes one
         ctx.make_current()
         keep.append(ctx)
     check_world_renders_after(other)

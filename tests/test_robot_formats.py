@@ -1,6 +1,6 @@
-"""Robot format readers (robot_formats.py): LeRobot v2.1/v3.0 (parquet frames, PNG images or MP4
-video) and RoboTwin HDF5 in its three layouts, fixtures written in each exact on-disk format, values
-read back; and opening a dataset by kind.
+"""Robot format readers (lerobot.py, robotwin.py, robot_formats.py): LeRobot v2.1/v3.0 (parquet
+frames, PNG images or MP4 video) and RoboTwin HDF5 in its three layouts, fixtures written in each
+exact on-disk format, values read back; and opening a dataset by kind.
 
 Catches: a LeRobot v3.0 episode that starts mid-file read from the file's start, depth, intrinsics
 or extrinsics columns read wrongly, RoboTwin's OpenGL camera axes or world->camera extrinsics used
@@ -24,7 +24,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from formats import detect_format, load_scenes  # noqa: E402
-from robot_formats import LeRobotSource, RoboTwinSource, open_source  # noqa: E402
+from lerobot import LeRobotSource  # noqa: E402
+from robot_formats import open_source  # noqa: E402
+from robotwin import RoboTwinSource  # noqa: E402
 from test_formats import H0, W0, cv2_jpeg, png, two_tone, write_omni3d  # noqa: E402
 from tokenizer import euler_to_matrix, matrix_to_quat, quat_to_matrix  # noqa: E402
 
@@ -112,9 +114,11 @@ def _frame_table(eps, lengths, media, extras, state_width, start):
     return pa.table(arrays)
 
 
+LEROBOT_TASKS = ["pick up the red cube", "push the blue bowl"]  # episode e does task e % 2
+
+
 def write_lerobot(root, version="v3.0", media="video", lengths=(6, 4), extras=False, state_width=16, fps=10):
     os.makedirs(os.path.join(root, "meta"), exist_ok=True)
-    tasks = ["pick up the red cube", "push the blue bowl"]
     feats = {"observation.state": {"dtype": "float32", "shape": [16]}, "action": {"dtype": "float32", "shape": [16]}}
     for cam in CAMS:
         feats[f"observation.images.{cam}"] = {"dtype": media, "shape": [VH, VW, 3]}
@@ -126,47 +130,58 @@ def write_lerobot(root, version="v3.0", media="video", lengths=(6, 4), extras=Fa
     frames = {c: [[np.full((VH, VW, 3), frame_colour(e, t, ci)) for t in range(lengths[e])] for e in eps]
               for ci, c in enumerate(CAMS)}
     info = {"codebase_version": version, "fps": fps, "features": feats, "chunks_size": 1000}
-    if version == "v3.0":
-        info["data_path"] = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
-        info["video_path"] = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-        os.makedirs(os.path.join(root, "data", "chunk-000"))
-        pq.write_table(_frame_table(eps, lengths, media, extras, state_width, 0),
-                       os.path.join(root, "data", "chunk-000", "file-000.parquet"), row_group_size=4)
-        starts = np.cumsum([0] + list(lengths))
-        rows = {"episode_index": eps, "tasks": [[tasks[e % 2]] for e in eps], "length": list(lengths),
-                "dataset_from_index": starts[:-1].tolist(), "dataset_to_index": starts[1:].tolist(),
-                "data/chunk_index": [0] * len(eps), "data/file_index": [0] * len(eps)}
-        for cam in CAMS:
-            key = f"observation.images.{cam}"
-            rows.update({f"videos/{key}/chunk_index": [0] * len(eps), f"videos/{key}/file_index": [0] * len(eps),
-                         f"videos/{key}/from_timestamp": (starts[:-1] / fps).tolist(),
-                         f"videos/{key}/to_timestamp": (starts[1:] / fps).tolist()})
-            if media == "video":
-                write_mp4(os.path.join(root, "videos", key, "chunk-000", "file-000.mp4"),
-                          [f for e in eps for f in frames[cam][e]], fps)
-        os.makedirs(os.path.join(root, "meta", "episodes", "chunk-000"))
-        pq.write_table(pa.table(rows), os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"))
-        pq.write_table(pa.table({"task_index": [0, 1], "__index_level_0__": tasks}),
-                       os.path.join(root, "meta", "tasks.parquet"))
-    else:
-        info["data_path"] = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
-        info["video_path"] = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
-        os.makedirs(os.path.join(root, "data", "chunk-000"))
-        start = 0
-        for e in eps:
-            pq.write_table(_frame_table([e], lengths, media, extras, state_width, start),
-                           os.path.join(root, "data", "chunk-000", f"episode_{e:06d}.parquet"))
-            start += lengths[e]
-            for cam in CAMS if media == "video" else []:
-                write_mp4(os.path.join(root, "videos", "chunk-000", f"observation.images.{cam}",
-                                       f"episode_{e:06d}.mp4"), frames[cam][e], fps)
-        with open(os.path.join(root, "meta", "episodes.jsonl"), "w") as f:
-            f.writelines(json.dumps({"episode_index": e, "tasks": [tasks[e % 2]], "length": lengths[e]}) + "\n"
-                         for e in eps)
-        with open(os.path.join(root, "meta", "tasks.jsonl"), "w") as f:
-            f.writelines(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks))
+    table = lambda episodes, start: _frame_table(episodes, lengths, media, extras, state_width, start)  # noqa: E731
+    write = _write_lerobot_v3 if version == "v3.0" else _write_lerobot_v2
+    info.update(write(root, lengths, media, frames, fps, table))
     json.dump(info, open(os.path.join(root, "meta", "info.json"), "w"))
     return root
+
+
+def _write_lerobot_v3(root, lengths, media, frames, fps, table):
+    """v3.0 files: every episode in one data file (and one video per camera), meta/episodes rows
+    pointing into them, meta/tasks.parquet. `table(episodes, start)`: their frame table.
+    Returns the info.json path patterns."""
+    eps = list(range(len(lengths)))
+    os.makedirs(os.path.join(root, "data", "chunk-000"))
+    pq.write_table(table(eps, 0), os.path.join(root, "data", "chunk-000", "file-000.parquet"), row_group_size=4)
+    starts = np.cumsum([0] + list(lengths))
+    rows = {"episode_index": eps, "tasks": [[LEROBOT_TASKS[e % 2]] for e in eps], "length": list(lengths),
+            "dataset_from_index": starts[:-1].tolist(), "dataset_to_index": starts[1:].tolist(),
+            "data/chunk_index": [0] * len(eps), "data/file_index": [0] * len(eps)}
+    for cam in CAMS:
+        key = f"observation.images.{cam}"
+        rows.update({f"videos/{key}/chunk_index": [0] * len(eps), f"videos/{key}/file_index": [0] * len(eps),
+                     f"videos/{key}/from_timestamp": (starts[:-1] / fps).tolist(),
+                     f"videos/{key}/to_timestamp": (starts[1:] / fps).tolist()})
+        if media == "video":
+            write_mp4(os.path.join(root, "videos", key, "chunk-000", "file-000.mp4"),
+                      [f for e in eps for f in frames[cam][e]], fps)
+    os.makedirs(os.path.join(root, "meta", "episodes", "chunk-000"))
+    pq.write_table(pa.table(rows), os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"))
+    pq.write_table(pa.table({"task_index": [0, 1], "__index_level_0__": LEROBOT_TASKS}),
+                   os.path.join(root, "meta", "tasks.parquet"))
+    return {"data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+            "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"}
+
+
+def _write_lerobot_v2(root, lengths, media, frames, fps, table):
+    """v2.x files: one data file (and one video per camera) per episode, meta/episodes.jsonl and
+    meta/tasks.jsonl. `table(episodes, start)`: their frame table. Returns the info.json path patterns."""
+    os.makedirs(os.path.join(root, "data", "chunk-000"))
+    start = 0
+    for e, n in enumerate(lengths):
+        pq.write_table(table([e], start), os.path.join(root, "data", "chunk-000", f"episode_{e:06d}.parquet"))
+        start += n
+        for cam in CAMS if media == "video" else []:
+            write_mp4(os.path.join(root, "videos", "chunk-000", f"observation.images.{cam}",
+                                   f"episode_{e:06d}.mp4"), frames[cam][e], fps)
+    with open(os.path.join(root, "meta", "episodes.jsonl"), "w") as f:
+        f.writelines(json.dumps({"episode_index": e, "tasks": [LEROBOT_TASKS[e % 2]], "length": n}) + "\n"
+                     for e, n in enumerate(lengths))
+    with open(os.path.join(root, "meta", "tasks.jsonl"), "w") as f:
+        f.writelines(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(LEROBOT_TASKS))
+    return {"data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+            "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"}
 
 
 @pytest.mark.parametrize("version,media", [("v2.1", "video"), ("v3.0", "video"), ("v2.1", "image"),

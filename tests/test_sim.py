@@ -239,7 +239,7 @@ def test_clear_errors():
 
 def test_missing_rendering_backend_names_what_was_tried():
     env = dict(os.environ, MUJOCO_GL="egl", MUJOCO_EGL_DEVICE_ID="99")
-    code = "import sim; sim.gl_context(32, 32, backends=['egl', 'nope'])"
+    code = "import render; render.gl_context(32, 32, backends=['egl', 'nope'])"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode != 0
     assert "MUJOCO_GL values tried: egl, nope" in r.stderr
