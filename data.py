@@ -24,7 +24,7 @@ from formats import GROUNDING_FORMATS, ROBOT_FORMATS, detect_format, load_scenes
 from draw import draw_views
 from fusion import box_corners, depth_prior, image_to_tensor, letterbox, project, ray_map
 from loading import MixtureSampler, make_loader
-from robot_formats import open_source
+from robot_formats import RobotSource, open_source
 from stats import source_stats
 from tokenizer import ObjectPose, PoseBins, PoseTokenizer, Waypoint
 from waypoints import view_waypoints
@@ -385,16 +385,17 @@ def split_paths(text):
 def fit_bins(paths, n_bins=2048, split="train", names=None, traj=None, frame_step=1, skip_bad=False):
     """PoseBins from the training annotations (method.md §3.3): grounding objects (translations and sizes) and
     the robot trajectory waypoints as the targets list them (view_waypoints with each frame's own
-    camera pose), at every `frame_step`-th frame of each episode (1: all frames). skip_bad: as the
-    training datasets read them (unreadable images and episodes left out)."""
-    trans, sizes = [], []
-    for p in ([paths] if isinstance(paths, str) else paths):
-        if detect_format(p) in GROUNDING_FORMATS:
+    camera pose), at every `frame_step`-th frame of each episode (1: all frames). `paths` may hold
+    robot sources already opened (RobotSource), read as they are. skip_bad: as the training datasets
+    read them (unreadable images and episodes left out)."""
+    trans, sizes, items = [], [], [paths] if isinstance(paths, (str, RobotSource)) else list(paths)
+    for p in items:
+        if isinstance(p, str) and detect_format(p) in GROUNDING_FORMATS:
             objs = [o for im in load_scenes(p, split, names, skip_bad) for o in im.objects]
             trans += [o.t for o in objs]
             sizes += [o.size for o in objs]
             continue
-        src = open_source(p, skip_bad=skip_bad)
+        src = p if isinstance(p, RobotSource) else open_source(p, skip_bad=skip_bad)
         for ei, ep in enumerate(src.episodes):
             for cam in src.cameras if src.ee16 else []:
                 hw = src.frame(ei, 0, cam, want_depth=False).image.shape[:2]
@@ -403,7 +404,8 @@ def fit_bins(paths, n_bins=2048, split="train", names=None, traj=None, frame_ste
                     if K is not None and T is not None:
                         trans += [w[2] for w in view_waypoints(ep.action, t, K, T, hw, cam, traj)]
     if not trans:
-        raise ValueError(f"{paths}: no object or end-effector poses to fit bins on")
+        where = ", ".join(getattr(p, "path", p) for p in items)
+        raise ValueError(f"{where}: no object or end-effector poses to fit bins on")
     return PoseBins.fit(np.array(trans), np.array(sizes) if sizes else None, n_bins=n_bins)
 
 

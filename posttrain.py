@@ -134,11 +134,11 @@ def trained_priors(ds):
     return {"rays": bool(rays), "depth": bool(depth), "source": "post-training data (frame 0 of each dataset)"}
 
 
-def generic_bins(paths, skip_bad=False):
+def generic_bins(srcs):
     """Flow-only training emits no pose tokens, but the vocabulary needs bins: fitted from end-effector
-    poses when the data has them, else a generic tabletop range."""
+    poses when the data (the opened training sources) has them, else a generic tabletop range."""
     try:
-        return fit_bins(paths, n_bins=256, skip_bad=skip_bad)
+        return fit_bins(srcs, n_bins=256)
     except ValueError:
         return PoseBins(np.linspace(-1.0, 1.0, 257), np.linspace(0.0, 2.0, 257), np.linspace(0.0, 1.0, 257))
 
@@ -197,7 +197,7 @@ def main(argv=None):
     srcs = sources(paths, recipe, args.episodes, args.skip_bad)
     stats = Stats.load(os.path.join(args.resume, "stats.json")) if args.resume else fit_stats(srcs)
     args.init = args.init or vlm.default_init(args, d)  # without --init: the plain VLM (the tiny one here)
-    model, tok, bins = start_model(args, lambda: generic_bins(paths, args.skip_bad))
+    model, tok, bins = start_model(args, lambda: generic_bins(srcs))
     default_rates(args, model.cfg)
     model.cfg.action_horizon = recipe.chunk
     cameras = recipe.cameras or srcs[0].cameras[:model.cfg.n_views]

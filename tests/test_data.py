@@ -243,6 +243,17 @@ def test_wrist_waypoints_follow_the_camera_and_bins_fit_the_targets(lerobot):
             np.testing.assert_allclose(getattr(got, kind), getattr(want, kind), atol=1e-6)
 
 
+def test_fit_bins_reads_opened_sources_as_they_are(lerobot):
+    """posttrain fits bins on the sources it has opened (its first --episodes): an opened source gives
+    the bins its path gives, and a cut one only those of its episodes."""
+    from robot_formats import open_source
+    whole, first = fit_bins(open_source(lerobot), n_bins=16), fit_bins(open_source(lerobot, episodes=1), n_bins=16)
+    want = fit_bins(lerobot, n_bins=16)
+    for kind in PoseBins.KINDS:
+        np.testing.assert_array_equal(getattr(whole, kind), getattr(want, kind))
+    assert not np.allclose(first.xy, want.xy)
+
+
 def test_robot_first_n_episodes(lerobot):
     """episodes=N keeps the first N episodes (few-demonstration runs); more than the dataset holds is an error."""
     full = RobotDataset(lerobot, S, chunk=4, stride=1, cameras=("head",))
