@@ -80,14 +80,17 @@ class Budget:
 
 BUDGETS = {
     # Every part of the pipeline once, at a size where nothing is learned: for CI and for a first look.
-    "quick": Budget(grounding_scenes=8, vlm_vision_steps=4, vlm_steps=4, motion_demos=1, stage1_steps=4, stage2_steps=4, post_steps=4,
+    "quick": Budget(grounding_scenes=8, vlm_vision_steps=4, vlm_steps=4, motion_demos=1, stage1_steps=4,
+                    stage2_steps=4, post_steps=4,
                     batch_size=2, demos=2, curve=(1, 2), seeds=2, episodes=1, grounding_samples=2, workers=0,
                     eval_max_steps=8),
     # About 1 h 50 min on a 2-core CPU (106 min measured).
-    "default": Budget(grounding_scenes=300, vlm_vision_steps=3000, vlm_steps=3000, motion_demos=6, stage1_steps=400, stage2_steps=200, post_steps=250,
+    "default": Budget(grounding_scenes=300, vlm_vision_steps=3000, vlm_steps=3000, motion_demos=6,
+                      stage1_steps=400, stage2_steps=200, post_steps=250,
                       batch_size=8, demos=20, curve=(5, 20, 50), seeds=3, episodes=5, grounding_samples=16),
     # A GPU: longer pre-training and post-training, more evaluation episodes.
-    "large": Budget(grounding_scenes=1000, vlm_vision_steps=3000, vlm_steps=6000, motion_demos=10, stage1_steps=6000, stage2_steps=2000, post_steps=2000,
+    "large": Budget(grounding_scenes=1000, vlm_vision_steps=3000, vlm_steps=6000, motion_demos=10,
+                    stage1_steps=6000, stage2_steps=2000, post_steps=2000,
                     batch_size=32, demos=20, curve=(5, 10, 20, 50), seeds=3, episodes=20, grounding_samples=64),
 }
 
@@ -163,7 +166,8 @@ def make_data(ledger, b, cache):
         for setting in SETTINGS:
             motion.append(data_step(ledger, f"data motion {task} {setting}",
                                     os.path.join(root, f"motion_{task}_{setting}_{b.motion_demos}"),
-                                    lambda tmp, t=task, s=setting: sim_export.write_demos(tmp, t, b.motion_demos, s, 0)))
+                                    lambda tmp, t=task, s=setting: sim_export.write_demos(
+                                        tmp, t, b.motion_demos, s, 0)))
         post.append(data_step(ledger, f"data post-training {task}", os.path.join(root, f"post_{task}_clean_{n_post}"),
                               lambda tmp, t=task: sim_export.write_demos(tmp, t, n_post, "clean", POST_DEMO_SEED)))
     return g, motion, post
@@ -185,7 +189,8 @@ def pretrain_arm(ledger, arm, b, out, data, vlm):
     common = ["--batch-size", str(b.batch_size), "--eval-every", "0", "--targets", targets, "--seed", "0",
               "--workers", str(b.workers)]
     s1 = train_step(ledger, f"pretrain {arm} stage 1", pretrain.main, os.path.join(out, "pretrain", arm, "stage1"),
-                    b.stage1_steps, ["--stage", "grounding", "--init", vlm, "--data", g["train"], "--eval-data", g["val"],
+                    b.stage1_steps, ["--stage", "grounding", "--init", vlm, "--data", g["train"],
+                                     "--eval-data", g["val"],
                                      "--steps", str(b.stage1_steps), "--save-every", str(max(1, b.stage1_steps // 4)),
                                      "--show", "0"] + ([] if priors else ["--no-priors"]) + common)
     s2 = train_step(ledger, f"pretrain {arm} stage 2", pretrain.main, os.path.join(out, "pretrain", arm, "stage2"),
@@ -278,7 +283,8 @@ def minutes(seconds):
 def markdown(res):
     b, lines = res["protocol"]["budget"], []
     lines += [f"Budget `{res['protocol']['budget_name']}`: stage 1 {b['stage1_steps']} + stage 2 {b['stage2_steps']} "
-              f"steps, post-training {b['post_steps']} steps, batch {b['batch_size']}, {b['demos']} clean demos per task, "
+              f"steps, post-training {b['post_steps']} steps, batch {b['batch_size']}, "
+              f"{b['demos']} clean demos per task, "
               f"{b['seeds']} seeds, {b['episodes']} episodes per task and setting. Success: mean over seeds "
               f"(per-seed values in results.json) with the 95 % Wilson interval of the pooled episodes. Reach: the "
               f"closest the nearer gripper came to the target object (mean over episodes; cm); touched: episodes "
@@ -338,7 +344,8 @@ def plot_curve(curve, path, title):
     reach = [r["min_reach_cm"] for a in curve.values() for n in a.values() for r in n.values() if r]
     top = max(reach, default=1.0) * 1.1
     panels = [panel(curve, xs, "success", "success (%)", 1.0, lambda v: f"{100 * v:.0f}"),
-              panel(curve, xs, "min_reach_cm", "reach: closest gripper-target distance (cm)", top, lambda v: f"{v:.0f}")]
+              panel(curve, xs, "min_reach_cm", "reach: closest gripper-target distance (cm)", top,
+                    lambda v: f"{v:.0f}")]
     img = Image.new("RGB", (panels[0].width, 30 + sum(p.height for p in panels)), "white")
     ImageDraw.Draw(img).text((10, 8), title, fill="black")
     img.paste(panels[0], (0, 30))
@@ -416,8 +423,10 @@ def hardware(device):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description="Pose pre-training vs none vs semantic pre-training, in the built-in world.")
-    p.add_argument("--budget", default="default", choices=sorted(BUDGETS), help="steps, demos, seeds, episodes (BUDGETS)")
+    p = argparse.ArgumentParser(description="Pose pre-training vs none vs semantic pre-training, "
+                                            "in the built-in world.")
+    p.add_argument("--budget", default="default", choices=sorted(BUDGETS),
+                   help="steps, demos, seeds, episodes (BUDGETS)")
     p.add_argument("--quick", action="store_true", help="shorthand for --budget quick (a few minutes; CI)")
     p.add_argument("--out", default=None, help="run folder (default runs/ablation_<budget>); rerun to resume")
     p.add_argument("--cache", default="data_cache", help="folder for the generated data (shared across runs)")
@@ -436,7 +445,8 @@ def main(argv=None):
     budget = json.loads(json.dumps(asdict(b)))  # as protocol.json holds it (tuples become lists)
     protocol = {"budget_name": args.budget, "budget": budget, "arms": {
         "none": "post-training from the tiny VLM", "semantic": "stage 1 names + 2D boxes, stage 2 flow matching only",
-        "pose": "stage 1 pose tuples, stage 2 waypoint tuples + flow (x10)", "pose+priors": "as pose, with depth and ray priors"},
+        "pose": "stage 1 pose tuples, stage 2 waypoint tuples + flow (x10)",
+        "pose+priors": "as pose, with depth and ray priors"},
         "seeds": "pre-training: seed 0, once per arm; post-training (and evaluation policy noise): seeds 0..seeds-1",
         "post_training_demos": f"clean, env seeds {POST_DEMO_SEED}+ (first N episodes)",
         "stage2_demos": "clean and randomized, env seeds 0+", "eval_seeds": f"{eval_sim.EVAL_SEED0}+",

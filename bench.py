@@ -234,7 +234,8 @@ def print_table(rows, device):
         line = f"{r['model']:<13}{r['what']:<36}{r['batch']:>5}{r['wall_ms'][0]:>10.1f}{r['wall_ms'][1]:>8.1f}"
         line += f"{r['cpu_ms'][0]:>9.1f}{r['cpu_ms'][1]:>8.1f}" if cpu else ""
         print(line + f"{fmt(r, 'samples_s'):>11}{fmt(r, 'tokens_s', spec='.0f'):>10}"
-              f"{fmt(r, 'tflop_per_step', spec='.3f'):>11}{fmt(r, 'mfu', 100):>7}{fmt(r, 'peak_memory_gib', spec='.2f'):>9}")
+              f"{fmt(r, 'tflop_per_step', spec='.3f'):>11}{fmt(r, 'mfu', 100):>7}"
+              f"{fmt(r, 'peak_memory_gib', spec='.2f'):>9}")
     fit = [r["batch"] for r in rows if r["what"] == "train step (sweep)" and not r.get("oom")]
     if fit:
         print(f"largest training batch of the sweep that fit: {max(fit)}")

@@ -51,7 +51,8 @@ def wilson(k, n, z=1.96):
 def code_version():
     """Git commit of this code, with '+dirty' when tracked or new files differ from it."""
     try:
-        run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True, timeout=10).stdout.strip()
+        run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True,
+                                        timeout=10).stdout.strip()
         commit = run("rev-parse", "HEAD")
         return (commit or "unknown") + ("+dirty" if run("status", "--porcelain") else "")
     except (OSError, subprocess.SubprocessError):
@@ -124,7 +125,8 @@ def run_protocol(results, episodes_fn):
         episodes_fn()
     except (KeyboardInterrupt, Exception) as e:
         results.save(complete=False, stopped=f"{type(e).__name__}: {e}")
-        print(f"stopped after {len(results.episodes)} episode(s) ({type(e).__name__}); partial results in {results.path}")
+        print(f"stopped after {len(results.episodes)} episode(s) ({type(e).__name__}); "
+              f"partial results in {results.path}")
         raise
     results.save(complete=True)
 
@@ -200,7 +202,8 @@ def check_tabletop_cameras(args, policy):
     import sim
     missing = [c.split(".")[-1] for c in policy.cameras if c.split(".")[-1] not in sim.CAMERAS]
     if missing:
-        raise ValueError(f"{args.ckpt}/recipe.json: camera(s) {missing} do not exist in the tabletop world {sim.CAMERAS}")
+        raise ValueError(f"{args.ckpt}/recipe.json: camera(s) {missing} do not exist "
+                         f"in the tabletop world {sim.CAMERAS}")
 
 
 def run_tabletop(args, policy, results):
@@ -339,7 +342,8 @@ def run_grounding(args, protocol):
 
 def print_grounding(m):
     print(f"{m['n_images']} views, {m['n_gt']} objects, {m['n_pred']} predicted, {m['n_matched']} matched")
-    print(f"AP (3D IoU 0.05..0.50) {100 * m['AP']:.1f}  AP@0.25 {100 * m['AP@0.25']:.1f}  AP@0.5 {100 * m['AP@0.5']:.1f}")
+    print(f"AP (3D IoU 0.05..0.50) {100 * m['AP']:.1f}  AP@0.25 {100 * m['AP@0.25']:.1f}  "
+          f"AP@0.5 {100 * m['AP@0.5']:.1f}")
     print(f"2D: centre error {m['centre_px']:.1f} px, recall {100 * m['recall_2d']:.1f} %")
     print(f"rotation {m['rot_deg']:.1f} deg  translation {m['trans_cm']:.1f} cm  depth {m['depth_cm']:.1f} cm  "
           f"size {m['size_cm']:.1f} cm  5deg5cm {100 * m['5deg5cm']:.1f} %  10deg5cm {100 * m['10deg5cm']:.1f} %")
@@ -348,7 +352,8 @@ def print_grounding(m):
 # ----------------------------------------------------------------------------- CLI
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (model.save_checkpoint + recipe.json, stats.json)")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint directory (model.save_checkpoint + recipe.json, stats.json)")
     p.add_argument("--sim", default="tabletop", choices=("tabletop", "libero"), help="closed-loop simulator")
     p.add_argument("--task", default="all", help="'all' or one task name (tabletop: pick, place, push, handover; "
                    "LIBERO: a task name of the suite)")

@@ -103,7 +103,8 @@ class LeRobotSource(RobotSource):
             if key not in feats:
                 fits = [n for n, m in KEY_MAPS.items() if m and all(v in self.info.get("features", {})
                                                                    for v in m.values())]
-                hint = f"; its names are those of the {fits[0]!r} layout (posttrain.py --robot {fits[0]})" if fits else ""
+                hint = (f"; its names are those of the {fits[0]!r} layout (posttrain.py --robot {fits[0]})"
+                        if fits else "")
                 raise ValueError(f"{info_path}: features has no '{self.col(key)}'{hint}")
         lacking = [f"features['{k}'].{field}" for k in feats for field in ("dtype", "shape") if field not in feats[k]]
         if lacking:
@@ -111,14 +112,16 @@ class LeRobotSource(RobotSource):
         self.widths = {k: int(np.prod(feats[k]["shape"])) for k in ("observation.state", "action")}
         self.media = {k[len("observation.images."):]: (self.col(k), feats[k]["dtype"]) for k in feats
                       if k.startswith("observation.images.") and feats[k]["dtype"] in ("image", "video")}
-        paths = ("data_path", "video_path") if any(dtype == "video" for _, dtype in self.media.values()) else ("data_path",)
+        paths = (("data_path", "video_path") if any(dtype == "video" for _, dtype in self.media.values())
+                 else ("data_path",))
         if any(k not in self.info for k in paths):
             raise ValueError(f"{info_path}: missing {[k for k in paths if k not in self.info]}; expected the file "
                              "name patterns of the frames (and videos)")
         self.cameras = list(self.media)
         self.extra = [k for k in feats if k.startswith(("observation.intrinsics.",
                                                         "observation.extrinsics."))]
-        self.depth_keys = {k[len("observation.depth."):]: self.col(k) for k in feats if k.startswith("observation.depth.")}
+        self.depth_keys = {k[len("observation.depth."):]: self.col(k) for k in feats
+                           if k.startswith("observation.depth.")}
         self.episodes = self._load_v3() if self.v3 else self._load_v2()
         self.ee16 = self.widths["action"] == 16 and any("extrinsics" in k for k in self.extra)
 

@@ -223,13 +223,15 @@ def _object_xml(i, obj, z):
     elif c == "bottle":
         body = 0.72 * sz
         geoms = (f'<geom type="cylinder" size="{sx / 2:.6g} {body / 2:.6g}" pos="0 0 {body / 2 - sz / 2:.6g}" {g}/>'
-                 f'<geom type="cylinder" size="0.012 {(sz - body) / 2:.6g}" pos="0 0 {sz / 2 - (sz - body) / 2:.6g}" {g}/>')
+                 f'<geom type="cylinder" size="0.012 {(sz - body) / 2:.6g}" '
+                 f'pos="0 0 {sz / 2 - (sz - body) / 2:.6g}" {g}/>')
     elif c == "bowl":
         geoms = _bowl_geoms(sx / 2, sz, g)
     else:  # mug: cylinder body plus a handle on +x, body origin at the bounding-box centre
         r = sy / 2
         geoms = (f'<geom type="cylinder" size="{r:.6g} {sz / 2:.6g}" pos="{r - sx / 2:.6g} 0 0" {g}/>'
-                 f'<geom type="box" size="{(sx - 2 * r) / 2:.6g} 0.006 {sz / 4:.6g}" pos="{sx / 2 - (sx - 2 * r) / 2:.6g} 0 0" {g}/>')
+                 f'<geom type="box" size="{(sx - 2 * r) / 2:.6g} 0.006 {sz / 4:.6g}" '
+                 f'pos="{sx / 2 - (sx - 2 * r) / 2:.6g} 0 0" {g}/>')
     return (f'<body name="obj{i}" pos="{obj.xy[0]:.6g} {obj.xy[1]:.6g} {z:.6g}" quat="{q}">'
             f'<freejoint name="obj{i}_free"/>{geoms}</body>')
 
@@ -273,12 +275,15 @@ def build_xml(objects, look, cfg):
 <option timestep="{PHYSICS_DT}" integrator="implicitfast" cone="elliptic" impratio="10"/>
 <statistic extent="2" center="0 0 0"/>
 <visual><global offwidth="{max(s, 640)}" offheight="{max(s, 640)}"/><map znear="0.005" zfar="5"/>
-<quality shadowsize="1024" offsamples="0"/><headlight ambient="{_fmt(look['ambient'])}" diffuse="{_fmt(look['head_diffuse'])}" specular="0 0 0"/></visual>
-<asset><texture name="tabletex" type="2d" builtin="checker" rgb1="{_fmt(look['table1'])}" rgb2="{_fmt(look['table2'])}" width="64" height="64"/>
+<quality shadowsize="1024" offsamples="0"/><headlight ambient="{_fmt(look['ambient'])}" \
+diffuse="{_fmt(look['head_diffuse'])}" specular="0 0 0"/></visual>
+<asset><texture name="tabletex" type="2d" builtin="checker" rgb1="{_fmt(look['table1'])}" \
+rgb2="{_fmt(look['table2'])}" width="64" height="64"/>
 <material name="table" texture="tabletex" texrepeat="{look['texrepeat']} {look['texrepeat']}"/>
 <material name="floor" rgba="{_fmt(look['floor'])}"/></asset>
 <worldbody>
-<light name="sun" directional="true" pos="0 0 2" dir="{_fmt(look['light_dir'])}" diffuse="{_fmt(look['light'])}" castshadow="true"/>
+<light name="sun" directional="true" pos="0 0 2" dir="{_fmt(look['light_dir'])}" \
+diffuse="{_fmt(look['light'])}" castshadow="true"/>
 <geom name="floor" type="plane" size="3 3 0.1" pos="0 0 -0.75" material="floor"/>
 <geom name="table" type="box" size="{hx} {hy} 0.375" pos="0 0 -0.375" material="table" friction="0.8 0.005 0.0001"/>
 <camera name="head" pos="{_fmt(hp)}" xyaxes="{_fmt(ax)} {_fmt(ay)}" fovy="{hfov:.6g}"/>
@@ -286,8 +291,10 @@ def build_xml(objects, look, cfg):
 {_gripper_xml("left", HOME["left"], "0.8 0.45 0.2 1")}{_gripper_xml("right", HOME["right"], "0.2 0.5 0.8 1")}
 {objs}
 </worldbody>
-<equality>{"".join(f'<weld body1="{a}_target" body2="{a}_hand" relpose="0 0 0 1 0 0 0" solref="0.01 1"/>' for a in ARMS)}</equality>
-<actuator>{"".join(f'<position joint="{a}_f{k}" kp="300" forcerange="-12 12" ctrlrange="0 {FINGER_TRAVEL}"/>' for a in ARMS for k in "ab")}</actuator>
+<equality>{"".join(f'<weld body1="{a}_target" body2="{a}_hand" '
+                   f'relpose="0 0 0 1 0 0 0" solref="0.01 1"/>' for a in ARMS)}</equality>
+<actuator>{"".join(f'<position joint="{a}_f{k}" kp="300" forcerange="-12 12" '
+                   f'ctrlrange="0 {FINGER_TRAVEL}"/>' for a in ARMS for k in "ab")}</actuator>
 </mujoco>"""
 
 
@@ -387,8 +394,10 @@ class TabletopEnv:
             f = min(1.0, (s + 1) / (0.6 * self.n_sub))  # reach the target in 60 ms, then hold
             for k, arm in enumerate(ARMS):
                 p, q = position(arm), quaternion(arm)
-                d.mocap_pos[self._mocap[arm]] = np.clip((1 - f) * start[p] + f * a[p], [-0.7, -0.6, -0.02], [0.7, 0.6, 0.7])
-                d.mocap_quat[self._mocap[arm]] = nlerp(start[q] / np.linalg.norm(start[q]), a[q] / np.linalg.norm(a[q]), f)
+                d.mocap_pos[self._mocap[arm]] = np.clip((1 - f) * start[p] + f * a[p], [-0.7, -0.6, -0.02],
+                                                        [0.7, 0.6, 0.7])
+                d.mocap_quat[self._mocap[arm]] = nlerp(start[q] / np.linalg.norm(start[q]),
+                                                       a[q] / np.linalg.norm(a[q]), f)
                 d.ctrl[2 * k:2 * k + 2] = FINGER_TRAVEL * np.clip(a[gripper(arm)], 0.0, 1.0)
             mujoco.mj_step(self.model, d)
         self._cmd = a.copy()

@@ -154,7 +154,8 @@ def write_grounding(out, n_scenes, seed=0, image_size=256, views_per_scene=2):
         env.close()
     doc = {"info": {"id": 0, "source": "Pose-VLA built-in tabletop world (sim.py)", "name": "posevla_sim",
                     "split": "train", "version": "1.0", "url": ""},
-           "images": images, "categories": [{"id": k, "name": n, "supercategory": n.split()[-1]} for n, k in cat_id.items()],
+           "images": images,
+           "categories": [{"id": k, "name": n, "supercategory": n.split()[-1]} for n, k in cat_id.items()],
            "annotations": anns}
     path = os.path.join(out, "annotations.json")
     with open(path, "w") as f:
@@ -172,8 +173,10 @@ def _features(S):
     vec = lambda n, names=None: {"dtype": "float32", "shape": [n], "names": names}  # noqa: E731
     feats = {"observation.state": vec(16, STATE_NAMES), "action": vec(16, STATE_NAMES)}
     for cam in sim.CAMERAS:
-        feats[f"observation.images.{cam}"] = {"dtype": "image", "shape": [S, S, 3], "names": ["height", "width", "channel"]}
-        feats[f"observation.depth.{cam}"] = {"dtype": "image", "shape": [S, S, 1], "names": ["height", "width", "channel"],
+        feats[f"observation.images.{cam}"] = {"dtype": "image", "shape": [S, S, 3],
+                                              "names": ["height", "width", "channel"]}
+        feats[f"observation.depth.{cam}"] = {"dtype": "image", "shape": [S, S, 1],
+                                             "names": ["height", "width", "channel"],
                                              "info": {"format": "16-bit PNG", "unit": "mm", "invalid": 0}}
         feats[f"observation.intrinsics.{cam}"] = vec(9, [f"k{i}{j}" for i in range(3) for j in range(3)])
         feats[f"observation.extrinsics.{cam}"] = vec(16, [f"t{i}{j}" for i in range(4) for j in range(4)])
@@ -355,7 +358,8 @@ def bench(episodes=3, image_size=128):
             env.close()
         kind = "physics + 3 cameras RGB/depth/seg" if render else "physics only"
         print(f"{kind} at {image_size} px: {1000 * (time.perf_counter() - t0) / steps:.1f} ms wall, "
-              f"{1000 * (time.process_time() - c0) / steps:.1f} ms CPU per control step ({steps} steps, resets included)")
+              f"{1000 * (time.process_time() - c0) / steps:.1f} ms CPU per control step "
+              f"({steps} steps, resets included)")
     with tempfile.TemporaryDirectory() as tmp:
         for task in sim.TASKS:
             t0, c0 = time.perf_counter(), time.process_time()

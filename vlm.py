@@ -295,7 +295,8 @@ class Teacher(torch.utils.data.Dataset):
         self.ground, self.targets = ground, VisionTargets(ground, model.cfg.vision["patch_size"], text_tokenizer)
         self.sizes, self.classes = ground.sizes, ground.classes
         emb = model.vlm.get_input_embeddings().weight.detach().float().cpu()
-        self.word_rows, self.background_row = emb[self.targets.words], emb[text_tokenizer.convert_tokens_to_ids(NO_OBJECT)]
+        self.word_rows, self.background_row = (emb[self.targets.words],
+                                               emb[text_tokenizer.convert_tokens_to_ids(NO_OBJECT)])
 
     def __len__(self):
         return len(self.ground)

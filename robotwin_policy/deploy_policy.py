@@ -24,7 +24,8 @@ ROBOTWIN_CAMERAS = ("head_camera", "left_camera", "right_camera")
 def _import_policy(root):
     root = os.path.abspath(root or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not os.path.isfile(os.path.join(root, "policy.py")):
-        raise FileNotFoundError(f"{root}: no policy.py; set posevla_root in deploy_policy.yml to the Pose-VLA code folder")
+        raise FileNotFoundError(f"{root}: no policy.py; set posevla_root in deploy_policy.yml "
+                                "to the Pose-VLA code folder")
     if root not in sys.path:
         sys.path.insert(0, root)
     from policy import Policy
@@ -61,7 +62,8 @@ def encode_obs(observation, cameras):
                       "depth": depth})
     e = observation.get("endpose")
     if not e or any(k not in e for k in ("left_endpose", "left_gripper", "right_endpose", "right_gripper")):
-        raise ValueError("observation has no complete 'endpose' (left_endpose, left_gripper, right_endpose, right_gripper)")
+        raise ValueError("observation has no complete 'endpose' "
+                         "(left_endpose, left_gripper, right_endpose, right_gripper)")
     state = np.concatenate([np.ravel(e["left_endpose"]), np.ravel(e["left_gripper"]),
                             np.ravel(e["right_endpose"]), np.ravel(e["right_gripper"])])
     return views, state

@@ -161,7 +161,8 @@ EVAL = ["--episodes", "1", "--max-steps", "1", "--gifs", "0"]
 POST = ["--robot", "tabletop", "--steps", "2", *FAST]
 
 
-BEFORE = {}  # case name -> what the code did with that input before this test existed (`python tests/test_bad_input.py`)
+# case name -> what the code did with that input before this test existed (`python tests/test_bad_input.py`)
+BEFORE = {}
 
 
 def case(name, main, argv, code, *text, before):
@@ -186,9 +187,11 @@ CASES = [
     case("pretrain --save-every 0", pretrain.main, lambda fx, t, out: ["--data", fx.lerobot, "--out", out,
          "--save-every", "0"], 2, "--save-every", before="ValueError traceback (check_start)"),
     case("pretrain --stride 0", pretrain.main, lambda fx, t, out: ["--stage", "motion", "--init", fx.ckpt, "--data",
-         fx.lerobot, "--out", out, "--stride", "0"], 2, "--stride", before="trained on chunks of one repeated frame (still running after 90 s)"),
-    case("eval_sim --episodes 0", eval_sim.main, lambda fx, t, out: ["--ckpt", fx.ckpt, "--out", out, "--episodes", "0"],
-         2, "--episodes", before="exit 0: empty results.json marked complete, latency nan"),
+         fx.lerobot, "--out", out, "--stride", "0"], 2, "--stride",
+         before="trained on chunks of one repeated frame (still running after 90 s)"),
+    case("eval_sim --episodes 0", eval_sim.main, lambda fx, t, out: ["--ckpt", fx.ckpt, "--out", out,
+         "--episodes", "0"], 2, "--episodes",
+         before="exit 0: empty results.json marked complete, latency nan"),
     case("eval_sim --episodes -3", eval_sim.main, lambda fx, t, out: ["--ckpt", fx.ckpt, "--out", out, "--episodes",
          "-3"], 2, "--episodes", before="exit 0: empty results.json marked complete, latency nan"),
     case("eval_sim --max-steps 0", eval_sim.main, lambda fx, t, out: ["--ckpt", fx.ckpt, "--out", out, *EVAL,
@@ -223,7 +226,8 @@ CASES = [
          before="'error: Unterminated string ...' without the file name; empty --out"),
     case("stats.json with NaN", eval_sim.main, lambda fx, t, out: ["--ckpt", ckpt_with(
          fx, t, "stats.json", lambda p: edit_json(p, lambda d: d["state"]["std"].__setitem__(3, float("nan")))),
-         "--out", out, *EVAL], 1, "stats.json", "'state.std'", "finite", before="loaded; NaN actions stopped the episode, partial results.json"),
+         "--out", out, *EVAL], 1, "stats.json", "'state.std'", "finite",
+         before="loaded; NaN actions stopped the episode, partial results.json"),
     case("bins.json truncated", eval_sim.main, lambda fx, t, out: ["--ckpt", ckpt_with(fx, t, "bins.json", truncate),
          "--out", out, *EVAL], 1, "bins.json", "pose bin edges", before="JSON error line without the file name"),
     case("tokenizer.json garbage", eval_sim.main, lambda fx, t, out: ["--ckpt", ckpt_with(
@@ -244,8 +248,8 @@ CASES = [
     case("--out holds another run", posttrain.main, lambda fx, t, out: [*POST, "--data", fx.lerobot, "--out",
          copy(fx.run, t, "run")], 1, "already holds a run", "--resume",
          before="exit 0: the old run's step_000002 kept in place of the new one, log overwritten"),
-    case("ablation: protocol.json truncated", ablation.main, lambda fx, t, out: ["--quick", "--out", corrupt_protocol(t)],
-         1, "protocol.json", before="JSONDecodeError traceback"),
+    case("ablation: protocol.json truncated", ablation.main, lambda fx, t, out: ["--quick", "--out",
+         corrupt_protocol(t)], 1, "protocol.json", before="JSONDecodeError traceback"),
     # datasets
     case("NaN in observation.state", posttrain.main, lambda fx, t, out: [*POST, "--out", out, "--data", lerobot_with(
          fx, t, "observation.state", set_row(15, 2, float("nan")))], 1, FRAMES, "'observation.state' of episode 1",
@@ -266,9 +270,11 @@ CASES = [
          "--steps", "1", *FAST], 1, "train.json", "no usable 3D object", "outside 0.01-10.0 m",
          before="ValueError traceback 'no object ... to fit bins on', no reason"),
     case("BOP without depth_scale", pretrain.main, lambda fx, t, out: ["--data", bop_without_depth_scale(t), "--out",
-         out, "--steps", "1", *FAST], 1, "scene_camera.json", "depth_scale", before="depth_scale 1.0 assumed (this tiny set then hit a batch-size traceback)"),
+         out, "--steps", "1", *FAST], 1, "scene_camera.json", "depth_scale",
+         before="depth_scale 1.0 assumed (this tiny set then hit a batch-size traceback)"),
     case("data.py show --cameras unknown", data.main, lambda fx, t, out: ["show", "--data", fx.lerobot, "--out", out,
-         "--cameras", "head,top"], 1, "camera 'top' not found", "available", before="no --cameras option (argparse: unrecognized arguments)"),
+         "--cameras", "head,top"], 1, "camera 'top' not found", "available",
+         before="no --cameras option (argparse: unrecognized arguments)"),
     case("data.py show --index past the end", data.main, lambda fx, t, out: ["show", "--data", fx.lerobot, "--out", out,
          "--index", "17"], 1, "--index 17", "17 samples", before="IndexError traceback"),
 ]
@@ -307,7 +313,8 @@ def test_bad_input_exits_with_one_clear_line(fx, tmp_path, capsys, main, argv, c
 def test_cli_prints_our_errors_in_one_line_and_keeps_a_bug_s_traceback():
     def worker_error(argv):  # how a DataLoader worker's error reaches the main process
         raise ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                         "last):\n  File \"data.py\", line 1, in item\nValueError: x.parquet: row 3 'image': cannot decode")
+                         "last):\n  File \"data.py\", line 1, in item\n"
+                         "ValueError: x.parquet: row 3 'image': cannot decode")
     with pytest.raises(SystemExit, match=r"^error: x.parquet: row 3 'image': cannot decode$"):
         cli(worker_error)
     with pytest.raises(ZeroDivisionError):  # not bad input: a bug, with its traceback
@@ -393,7 +400,8 @@ def test_readme_examples_use_folders_earlier_examples_create():
         for flag, value in re.findall(r"--(data|ckpt|init|resume|eval-data) (\S+)", line):
             for path in value.split(","):
                 if not path.startswith("/") and path not in ("CKPT", "DIR", "..."):
-                    assert any(path.startswith(m) for m in made), f"README: {line!r} reads {path}, made by no earlier command"
+                    assert any(path.startswith(m) for m in made), (
+                        f"README: {line!r} reads {path}, made by no earlier command")
         made += re.findall(r"--out (\S+)", line)
         stage = re.search(r"--stage (\w+)", line)
         robot = re.search(r"--robot (\w+)", line)

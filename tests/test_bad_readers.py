@@ -95,12 +95,14 @@ READER_CASES = [
     reader("BOP rgb missing", lambda fx, t: read_bop(bop_two_images_first_missing(t)), FileNotFoundError,
            "rgb/000001.png", before="the same error (unchanged)"),
     reader("BOP rgb missing, --skip-bad", lambda fx, t: read_bop(bop_two_images_first_missing(t), skip_bad=True),
-           UserWarning, "1 unreadable images", "kept 1 objects in 1 images", before="--skip-bad did not reach the reader: the dataset aborted"),
+           UserWarning, "1 unreadable images", "kept 1 objects in 1 images",
+           before="--skip-bad did not reach the reader: the dataset aborted"),
     reader("LeRobot NaN state, --skip-bad", lambda fx, t: open_source(lerobot_with(
         fx, t, "observation.state", set_row(15, 2, float("nan"))), skip_bad=True), UserWarning,
         "kept 1 episodes, 12 frames", "1 unreadable episodes", before="trained silently on NaN"),
     reader("RoboTwin NaN intrinsics at frame 2", lambda fx, t: RoboTwinSource(nan_robotwin_intrinsics(t)).frame(
-        0, 2, "head_camera"), ValueError, "intrinsic_cv' holds NaN/inf at frame 2", before="not checked: NaN rays in the sample"),
+        0, 2, "head_camera"), ValueError, "intrinsic_cv' holds NaN/inf at frame 2",
+        before="not checked: NaN rays in the sample"),
     reader("sample with infinite rays", lambda fx, t: RobotDataset(zero_intrinsics(fx, t), 32, chunk=4)[0],
            ValueError, "episode 0 frame 0", "'rays'", before="not checked: inf rays reached the batch"),
     reader("Stats of NaN", lambda fx, t: Stats.compute(np.array([[0.0, np.nan], [1.0, 2.0]]), np.zeros((2, 3)),

@@ -182,7 +182,8 @@ def test_a_decoder_layer_of_each_stream_matches_a_hand_computation_from_the_sour
     prefix, names = LAYOUTS[layout][:2]
     t = model.cfg.text
     g = torch.Generator().manual_seed(1)
-    for stream, base, width in ((0, prefix + TEXT[names], t["hidden_size"]), (1, prefix + EXPERT, model.cfg.expert_width)):
+    for stream, base, width in ((0, prefix + TEXT[names], t["hidden_size"]),
+                                (1, prefix + EXPERT, model.cfg.expert_width)):
         h = torch.randn(2, 6, width, generator=g)
         pos = torch.arange(6).expand(2, -1)
         cos, sin = model.rotary(h, pos)
@@ -242,8 +243,10 @@ def test_vision_tower_projector_and_tied_embedding(converted):
     vb, P = "model." + VISION["old"], "model." + PROJ["old"]
     tower = model.vlm.model.vision_tower
     assert torch.equal(tower.embeddings.patch_embedding.weight, f32(sd[vb + "embeddings.patch_embedding.weight"]))
-    assert torch.equal(tower.encoder.layers[1].self_attn.k_proj.weight, f32(sd[vb + "encoder.layers.1.self_attn.k_proj.weight"]))
-    assert torch.equal(tower.encoder.layers[1].self_attn.q_proj.weight, f32(sd[vb + "encoder.layers.1.self_attn.q_proj.weight"]))
+    assert torch.equal(tower.encoder.layers[1].self_attn.k_proj.weight,
+                       f32(sd[vb + "encoder.layers.1.self_attn.k_proj.weight"]))
+    assert torch.equal(tower.encoder.layers[1].self_attn.q_proj.weight,
+                       f32(sd[vb + "encoder.layers.1.self_attn.q_proj.weight"]))
     feats = torch.randn(2, 5, model.cfg.vision["hidden_size"])
     with torch.no_grad():
         proj = model.vlm.model.multi_modal_projector(feats)
@@ -258,7 +261,8 @@ def test_vision_tower_projector_and_tied_embedding(converted):
     assert torch.allclose(E[rest], src[:N_BASE].mean(0).expand(len(rest), -1), atol=1e-6)
     assert model.vlm.lm_head.weight.data_ptr() == E.data_ptr()
     assert report["embedding_rows"] == {"copied": N_BASE, "copied_by_name": 6, "mean_initialised": len(rest),
-                                        "source_rows_dropped": 34, "from": "model." + TEXT["old"] + "embed_tokens.weight"}
+                                        "source_rows_dropped": 34,
+                                        "from": "model." + TEXT["old"] + "embed_tokens.weight"}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

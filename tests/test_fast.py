@@ -27,7 +27,8 @@ def test_compiled_chunk_equals_eager():
     batch = make_batch(model, tok, labels=None)  # two prompt lengths (one padded), a missing view
     noise = torch.randn(2, model.cfg.action_horizon, model.cfg.max_dim, generator=torch.Generator().manual_seed(1))
     others = {"views": roll_samples(batch, VISUAL_KEYS), "prompts": roll_samples(batch, ("prompt_ids", "prompt_mask")),
-              "prompt length": {**batch, "prompt_ids": batch["prompt_ids"][:, :3], "prompt_mask": batch["prompt_mask"][:, :3]}}
+              "prompt length": {**batch, "prompt_ids": batch["prompt_ids"][:, :3],
+                                "prompt_mask": batch["prompt_mask"][:, :3]}}
     ref = model.sample_actions(batch, noise=noise)                              # (B, H, D)
     torch.testing.assert_close(sampler(batch, noise), ref, rtol=1e-5, atol=1e-5)
     for what, other in others.items():

@@ -148,7 +148,8 @@ def test_modality_dropout_only_in_training_and_independent():
     feats, rays, depth = feats[:1].expand(N, -1, -1), rays[:1].expand(N, -1, -1, -1), depth[:1].expand(N, -1, -1, -1)
     fusion.eval()
     combos = {(False, False): feats[0], (True, False): fusion(feats[:1], rays[:1])[0],
-              (False, True): fusion(feats[:1], None, depth[:1])[0], (True, True): fusion(feats[:1], rays[:1], depth[:1])[0]}
+              (False, True): fusion(feats[:1], None, depth[:1])[0],
+              (True, True): fusion(feats[:1], rays[:1], depth[:1])[0]}
     assert torch.equal(fusion(feats, rays, depth), combos[True, True][None].expand(N, -1, -1))
     fusion.train()
     torch.manual_seed(1)

@@ -179,7 +179,8 @@ def test_cached_sampling_equals_naive(tiny):
     batch = make_batch(model, tok, labels=None)
     noise = torch.randn(2, model.cfg.action_horizon, model.cfg.max_dim)
     with torch.no_grad():
-        torch.testing.assert_close(model.sample_actions(batch, noise=noise), model.sample_actions(batch, noise=noise, use_cache=False),
+        torch.testing.assert_close(model.sample_actions(batch, noise=noise),
+                                   model.sample_actions(batch, noise=noise, use_cache=False),
                                    rtol=1e-4, atol=1e-5)
 
 

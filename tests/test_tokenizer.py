@@ -132,7 +132,8 @@ def test_exact_text_format_both_anchor_modes():
     # The semantic baseline's text: the same name and box as <loc> tokens, no pose.
     far = ObjectPose("cup", (50, 50, 60, 70), np.array([0.0, 0.0, 3.0]), obj.size, obj.R)
     boxes = PoseTokenizer(bins, 100).encode_boxes([[far, obj]])
-    assert boxes == "<image0> red mug<loc0102><loc0204><loc0307><loc0409>; cup<loc0512><loc0512><loc0614><loc0716>;</image0>"
+    assert boxes == ("<image0> red mug<loc0102><loc0204><loc0307><loc0409>; "
+                     "cup<loc0512><loc0512><loc0614><loc0716>;</image0>")
     for anchor in ("center", "box"):
         dec = PoseTokenizer(bins, 100, anchor=anchor).decode(boxes + f"<image1>{body} x<loc0001><loc0002>;</image1>")
         (mug, cup), = dec.views[:1]

@@ -69,11 +69,13 @@ def test_patch_tokens_decode_back_to_their_objects():
     target = vlm.patch_tokens(model, word_ids, w, b, no_object)
     name_acc, centre_err = vlm.token_metrics(model, target, w, b, word_ids)
     assert name_acc == 1.0 and centre_err < 0.04, (name_acc, centre_err)
-    swapped = torch.from_numpy(np.stack([np.zeros(4), box[cls == 2][0], box[cls == 1][0]])[cls].astype(np.float32))[None]
+    swapped = torch.from_numpy(np.stack([np.zeros(4), box[cls == 2][0],
+                                         box[cls == 1][0]])[cls].astype(np.float32))[None]
     assert vlm.token_metrics(model, target, w, swapped, word_ids)[1] > 0.3
     background = target[0, torch.from_numpy(cls == 0)]
     row = model.vlm.get_input_embeddings().weight[no_object].detach()
-    assert torch.allclose(torch.nn.functional.cosine_similarity(background, row[None]), torch.ones(len(background)), atol=1e-5)
+    assert torch.allclose(torch.nn.functional.cosine_similarity(background, row[None]),
+                          torch.ones(len(background)), atol=1e-5)
 
 
 def test_token_loss_wants_direction_norm_and_slots():
@@ -104,7 +106,8 @@ def test_teacher_tokens_replace_only_the_marked_samples_and_match_their_views(tm
     item = teach[(3, 5)]                                                       # epoch 3, sample 5
     ground.set_epoch(3)
     _, words, box = vlm.VisionTargets(ground, 14, tok)[5]
-    want = vlm.patch_tokens(model, torch.tensor(teach.targets.words), words, box, tok.convert_tokens_to_ids("<no_object>"))
+    want = vlm.patch_tokens(model, torch.tensor(teach.targets.words), words, box,
+                            tok.convert_tokens_to_ids("<no_object>"))
     assert torch.allclose(torch.from_numpy(item["teacher_tokens"]), want, atol=1e-5)
     assert item["teacher_tokens"].shape == (2, 64, model.lm.config.hidden_size)
     ruby = write_square_scenes(str(tmp_path / "ruby"), 2, 1, squares={"ruby": SQUARES["red square"]})
@@ -130,7 +133,8 @@ def test_held_rows_do_not_move_others_do():
     model, tok = build_model("tiny", bins)
     words = tok(" red cube", add_special_tokens=False)["input_ids"]
     held = vlm.held_rows(tok, words)
-    assert set(words) <= set(held) and tok.convert_tokens_to_ids("<no_object>") in held and len(held) == len(set(words)) + 1025
+    assert (set(words) <= set(held) and tok.convert_tokens_to_ids("<no_object>") in held
+            and len(held) == len(set(words)) + 1025)
     vlm.hold_rows(model, held)
     emb = model.vlm.get_input_embeddings().weight
     before = emb.detach().clone()
@@ -235,7 +239,8 @@ def train_gate(tmp_path, squares):
     vlm.init_loc_embeddings(model, tok)
     pose_tok = PoseTokenizer(bins, S_GATE)
     kw = dict(n_views=1, neg_frac=0.0, targets="boxes")
-    train, val = GroundingDataset([train_dir], pose_tok, S_GATE, **kw), GroundingDataset([val_dir], pose_tok, S_GATE, **kw)
+    train, val = (GroundingDataset([train_dir], pose_tok, S_GATE, **kw),
+                  GroundingDataset([val_dir], pose_tok, S_GATE, **kw))
     vlm.pretrain_vision(model, train, tok, vlm.VisionConfig(steps=GATE_VISION_STEPS, batch_size=8, log_every=10 ** 6),
                         log=lambda s: None)
     model.vlm.model.vision_tower.requires_grad_(False)
