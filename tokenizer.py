@@ -199,20 +199,19 @@ def loc_tokens():
     return [f"<loc{i:04d}>" for i in range(N_LOC)]
 
 
-def pose_tokens(bins, n_views):
-    """Every token the pose text needs beyond PaliGemma's vocabulary, in a fixed order."""
-    n = bins.n_bins
-    return ([f"<image{i}>" for i in range(n_views)] + [f"</image{i}>" for i in range(n_views)]
-            + [NO_OBJECT] + [f"<transXY{i:04d}>" for i in range(n)] + [f"<transZ{i:04d}>" for i in range(n)]
-            + [f"<size{i:04d}>" for i in range(n)] + [f"<rot{i:03d}>" for i in range(N_ROT)])
-
-
 def value_token_groups(bins):
     """The token groups that each stand for one quantized value: <loc>, then each pose quantity's
     bins. model.decode_step lets a group compete as one token."""
     n = bins.n_bins
     return [loc_tokens()] + [[f"<{kind}{i:04d}>" for i in range(n)] for kind in ("transXY", "transZ", "size")] + [
         [f"<rot{i:03d}>" for i in range(N_ROT)]]
+
+
+def pose_tokens(bins, n_views):
+    """Every token the pose text needs beyond PaliGemma's vocabulary (which has the <loc> tokens), in
+    a fixed order: the view marks, <no_object>, then the pose bins of value_token_groups."""
+    return ([f"<image{i}>" for i in range(n_views)] + [f"</image{i}>" for i in range(n_views)]
+            + [NO_OBJECT] + [t for group in value_token_groups(bins)[1:] for t in group])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from data import tensors
+from fusion import image_to_tensor
 from tokenizer import NO_OBJECT
 
 
@@ -121,24 +122,23 @@ class VisionTargets(torch.utils.data.Dataset):
         return len(self.ground)
 
     def __getitem__(self, index):
+        """(images (V, 3, S, S) in [-1, 1], word bags (V, P, nW), boxes (V, P, 4)) of one sample."""
         views, _, _ = self.ground.build(index, every_object=True)
-        return self.arrays(views)
+        images = torch.from_numpy(np.stack([image_to_tensor(v.lb.image) for v in views]))
+        return (images, *self.labels(views))
 
-    def arrays(self, views):
-        """(images (V, 3, S, S) in [-1, 1], word bags (V, P, nW), boxes (V, P, 4)) of views that list
-        every object (GroundingDataset.build(..., every_object=True))."""
-        images, words, boxes = [], [], []
+    def labels(self, views):
+        """(word bags (V, P, nW), boxes (V, P, 4)) of views that list every object
+        (GroundingDataset.build(..., every_object=True))."""
+        words, boxes = [], []
         for v in views:
             cls, box = patch_targets(v.objects, self.ground.size, self.patch)
             bags = np.zeros((len(v.objects) + 1, len(self.words)), np.float32)  # row 0: background
             for k, obj in enumerate(v.objects):
                 bags[k + 1, [self.word_index[w] for w in self.pieces(obj.name) if w in self.word_index]] = 1.0
-            images.append(v.lb.image)
             words.append(bags[cls])
             boxes.append(box)
-        imgs = np.stack(images).astype(np.float32) / 127.5 - 1.0                   # (V, S, S, 3) in [-1, 1]
-        return (torch.from_numpy(imgs).permute(0, 3, 1, 2), torch.from_numpy(np.stack(words)),
-                torch.from_numpy(np.stack(boxes)))
+        return torch.from_numpy(np.stack(words)), torch.from_numpy(np.stack(boxes))
 
 
 def ideal_tokens(word_rows, background_row, words, box):
@@ -314,7 +314,7 @@ class Teacher(torch.utils.data.Dataset):
         """The ground's item for sample `index` plus its teacher tokens, both from one build (one image
         load, one set of crops): the views list every object, the prompt and target are the sample's."""
         views, prompt, target = self.ground.build(index, every_object=True)
-        _, words, box = self.targets.arrays(views)
+        words, box = self.targets.labels(views)
         return {**tensors(views, self.ground.size), "prompt": prompt, "target": target,
                 "teacher_tokens": ideal_tokens(self.word_rows, self.background_row, words, box).numpy()}
 
