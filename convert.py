@@ -76,6 +76,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from config import CONFIGS
+from errors import cli, read_file
 from model import build_model, non_finite, save_checkpoint
 from tokenizer import PoseBins, build_tiny_tokenizer
 
@@ -133,7 +134,7 @@ def read_source(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
     state = {}
     for f in files:
-        part = load_file(f) if f.endswith(".safetensors") else _torch_file(f)
+        part = read_file(f, "safetensors weights", load_file) if f.endswith(".safetensors") else _torch_file(f)
         overlap = set(part) & set(state)
         if overlap:
             raise ConversionError(f"{f}: keys also in another shard, e.g. {sorted(overlap)[:3]}")
@@ -142,7 +143,7 @@ def read_source(path):
 
 
 def _torch_file(path):
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_file(path, "a torch state dict", lambda p: torch.load(p, map_location="cpu", weights_only=True))
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -210,7 +211,8 @@ def map_state(src, target, n_base, by_name=None):
     except by_name {our id: source id}: added tokens both tokenizers have (token_pairs), whose
     source rows are copied. Returns (state for load_state_dict, report). Raises ConversionError
     listing every problem."""
-    prefix = source_prefix(src)
+    layout = detect_layout(src)
+    prefix = layout["prefix"]
     state, dropped, unexpected, mismatched = {}, {}, [], []
     token_matrix = {}
     for key, value in src.items():
@@ -242,11 +244,11 @@ def map_state(src, target, n_base, by_name=None):
     allowed = {k for k in fresh if k.endswith(".gate") or not prior_keys}
     missing = [k for k in target if k not in state and k != LM_HEAD and k not in allowed]
     if missing or unexpected or mismatched:
-        raise ConversionError(_problems(detect_layout(src)["name"], missing, unexpected, mismatched))
+        raise ConversionError(_problems(layout["name"], missing, unexpected, mismatched))
     bad = non_finite(state)
     if bad:
         raise ConversionError(f"{len(bad)} source tensors hold NaN/inf, e.g. {bad[:3]}")
-    report = {"layout": detect_layout(src), "mapped": len(state), "embedding_rows": rows,
+    report = {"layout": layout, "mapped": len(state), "embedding_rows": rows,
               "dropped": _summarise(dropped), "kept_fresh": sorted(allowed)}
     return state, report
 
@@ -324,21 +326,14 @@ def _summarise(dropped):
 def convert(src_path, config, bins, tokenizer_dir=None):
     """(PoseVLA, text tokenizer, report) from a released source. bins: PoseBins; tokenizer_dir:
     the base text tokenizer (PaliGemma's directory; the tiny config builds its own without it)."""
-    if config not in CONFIGS:
-        raise ValueError(f"unknown config {config!r}; expected one of {sorted(CONFIGS)}")
-    src = read_source(src_path)
-    if tokenizer_dir is None and config != "tiny":
+    if tokenizer_dir is None and config != "tiny":  # checked before the (large) source is read
         raise ValueError(f"--config {config} needs --tokenizer DIR (PaliGemma's tokenizer, e.g. the "
                          "google/paligemma-3b-pt-224 directory): the pi0 checkpoints do not carry one")
     n_base = len(AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tiny_tokenizer())
-    model, tok = build_model(config, bins, tokenizer_dir=tokenizer_dir)
-    target = {k: v for k, v in model.state_dict().items()}
-    src_tok = source_tokenizer(src_path)
-    state, report = map_state(src, target, n_base, token_pairs(tok, src_tok, n_base) if src_tok else None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    left = [k for k in missing if k != LM_HEAD and k not in report["kept_fresh"]]
-    if left or unexpected:  # map_state checked this; a model change would show here
-        raise ConversionError(f"internal: not loaded {left[:5]}, unexpected {unexpected[:5]}")
+    model, tok = build_model(config, bins, tokenizer_dir=tokenizer_dir)  # refuses an unknown config
+    src, src_tok = read_source(src_path), source_tokenizer(src_path)
+    state, report = map_state(src, model.state_dict(), n_base, token_pairs(tok, src_tok, n_base) if src_tok else None)
+    model.load_state_dict(state, strict=False)  # map_state refused anything missing but the LM head / kept fresh
     model.vlm.tie_weights()
     report["source_tokenizer"] = src_tok.name_or_path if src_tok else None
     report["source"] = os.path.abspath(src_path)
@@ -376,8 +371,9 @@ def main(argv=None):
     p.add_argument("--bins", required=True, help="bins.json defining the pose vocabulary (python data.py fit-bins)")
     p.add_argument("--tokenizer", default=None, help="base text tokenizer directory (PaliGemma's); tiny: none")
     args = p.parse_args(argv)
-    model, tok, report = convert(args.src, args.config, PoseBins.load(args.bins), tokenizer_dir=args.tokenizer)
-    save_checkpoint(args.out, model, tok, PoseBins.load(args.bins), extra={"convert.json": report})
+    bins = PoseBins.load(args.bins)
+    model, tok, report = convert(args.src, args.config, bins, tokenizer_dir=args.tokenizer)
+    save_checkpoint(args.out, model, tok, bins, extra={"convert.json": report})
     rows = report["embedding_rows"]
     print(f"{report['layout']['name']}: {report['mapped']} tensors mapped; embedding rows copied {rows['copied']} "
           f"(+ {rows['copied_by_name']} added tokens by name), mean-initialised {rows['mean_initialised']}, "
@@ -390,4 +386,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

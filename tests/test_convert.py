@@ -331,6 +331,18 @@ def test_sources_in_shards_bin_files_and_with_old_lerobot_statistics(tmp_path):
     assert reports[0]["layout"]["name"] == "lerobot pi0 (old transformers names)"
 
 
+def test_a_truncated_source_file_is_one_error_naming_it(tmp_path):
+    """A cut download: the safetensors or torch file's own decoder error becomes errors.read_file's
+    line naming the file (not a SafetensorError traceback, which is not a BAD_INPUT type)."""
+    for name, writer in (("model.safetensors", lambda p: save_file(source_state("openpi"), p)),
+                         ("weights.pt", lambda p: torch.save(source_state("openpi"), p))):
+        path = tmp_path / name
+        writer(str(path))
+        path.write_bytes(path.read_bytes()[:100])
+        with pytest.raises(ValueError, match=rf"{name}: cannot read .* truncated or corrupt"):
+            convert.read_source(str(path))
+
+
 def test_converted_model_samples_actions_generates_and_reloads(converted, tmp_path):
     sd, model, tok, report = converted("posevla")
     batch = make_batch(model, tok)
