@@ -59,6 +59,18 @@ def decode_depth_png(data, where, scale):
     return raw.astype(np.float32) * np.float32(scale)
 
 
+def png_bytes(array):
+    """An (H, W, 3) uint8 or (H, W) uint16 array -> PNG bytes (decode_image / decode_depth_png read them)."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def depth_png(depth_m):
+    """Metric depth -> 16-bit PNG in millimetres (0 = invalid, saturates at 65.535 m)."""
+    return png_bytes(np.round(depth_m * 1000.0).clip(0, 65535).astype(np.uint16))
+
+
 def report_dropped(where, dropped, kept):
     """One warning for a dataset (or file) listing what its reader left out and why, beside what it
     kept; nothing when nothing was left out. dropped: Counter of reason -> count."""

@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 
 from errors import BAD_INPUT, read_file, read_json
-from formats import decode_depth_png, decode_image, skip_or_raise
+from formats import decode_depth_png, decode_image, depth_png, png_bytes, skip_or_raise
 from robot_formats import CameraFrame, Episode, RobotSource, _finite_frames, _lru
 
 
@@ -328,7 +328,6 @@ def _episode_columns(root, e, frames, feats, index):
 
 def _frame_row(fr, t):
     """One frame's features under LeRobot names; an image is (shape, {bytes, path}), the rest arrays."""
-    from sim_export import depth_png, png_bytes
     row = {"observation.state": np.asarray(fr["state"], np.float32),
            "action": np.asarray(fr["action"], np.float32)}
     for cam, v in fr["views"].items():
@@ -357,17 +356,31 @@ def _writer_features(row):
     return feats
 
 
+def arrow_schema(feats, names=None):
+    """The parquet schema of LeRobot features (both writers: v3.0 demos in sim_export, v2.0 here):
+    images as {bytes, path} structs, one-number features as scalars (timestamp float32, indices
+    int64), vectors as float32 lists; `names` renames the columns (a KEY_MAPS layout)."""
+    import pyarrow as pa
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    names = names or {}
+    def arrow_type(f):
+        if f["dtype"] == "image":
+            return image
+        if f["shape"] != [1]:
+            return pa.list_(pa.float32())
+        return pa.float32() if f["dtype"] == "float32" else pa.int64()
+    return pa.schema([(names.get(k, k), arrow_type(f)) for k, f in feats.items()])
+
+
 def _write_episode(path, cols, feats, names):
     """One episode's parquet, columns under the dataset's names."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    arrays = {names.get(k, k): (pa.array(v, image) if feats[k]["dtype"] == "image" else
-                                pa.array([x.tolist() for x in v], pa.list_(pa.float32())) if feats[k]["shape"] != [1]
-                                else pa.array(v, pa.float32() if k == "timestamp" else pa.int64()))
-              for k, v in cols.items()}
+    schema = arrow_schema(feats, names)
+    table = pa.table({names.get(k, k): pa.array([x.tolist() if np.ndim(x) else x for x in v],
+                                                schema.field(names.get(k, k)).type) for k, v in cols.items()})
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.table(arrays), path)
+    pq.write_table(table, path)
 
 
 def _write_meta(meta, rows_meta, tasks, stats, names):

@@ -129,9 +129,9 @@ def trained_priors(ds):
     ray maps, metric depth), read at frame 0 of each dataset's first episode for its recipe cameras.
     Evaluation (policy.Policy) feeds only these unless told otherwise: a LIBERO checkpoint, trained
     without K or depth, is not shown rays or depth it never saw."""
-    rays = any(s.camera(0, 0, cam)[0] is not None for s, cams in zip(ds.sources, ds.cameras) for cam in cams)
-    depth = any(s.frame(0, 0, cam).depth is not None for s, cams in zip(ds.sources, ds.cameras) for cam in cams)
-    return {"rays": bool(rays), "depth": bool(depth), "source": "post-training data (frame 0 of each dataset)"}
+    first = [s.frame(0, 0, cam) for s, cams in zip(ds.sources, ds.cameras) for cam in cams]  # K and depth: one read
+    return {"rays": any(f.K is not None for f in first), "depth": any(f.depth is not None for f in first),
+            "source": "post-training data (frame 0 of each dataset)"}
 
 
 def generic_bins(srcs):

@@ -16,7 +16,6 @@ Everything is a pure function of the seed, so the same seed writes the same byte
 control steps and demo writing. `main` is the world's command line (`python sim.py ...` runs it).
 """
 import argparse
-import io
 import json
 import os
 import tempfile
@@ -25,12 +24,13 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm import tqdm
 
 import ee16
 import sim
 from errors import at_least, cli
+from formats import depth_png, png_bytes
+from lerobot import INDEX_FEATURES, arrow_schema
 from expert import rollout, show
 
 # Object frame for annotations (Omni3D/Cube R-CNN): x = body x, y = -body z (down), z = body y.
@@ -39,17 +39,6 @@ ANN_TO_BODY = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
 CORNER_SIGNS = np.array([[-1, -1, -1], [1, -1, -1], [1, 1, -1], [-1, 1, -1],
                          [-1, -1, 1], [1, -1, 1], [1, 1, 1], [-1, 1, 1]], np.float64)
 STATE_NAMES = ee16.NAMES
-
-
-def png_bytes(array):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def depth_png(depth_m):
-    """Metric depth -> 16-bit PNG in millimetres (0 = invalid, saturates at 65.535 m)."""
-    return png_bytes(np.round(depth_m * 1000.0).clip(0, 65535).astype(np.uint16))
 
 
 def _r(x, nd=6):
@@ -166,7 +155,6 @@ def write_grounding(out, n_scenes, seed=0, image_size=256, views_per_scene=2):
 # ----------------------------------------------------------------------------- LeRobot v3.0 demos
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 FILE_MB = 100  # LeRobot's default data file size before a new file is started
-IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def _features(S):
@@ -180,22 +168,9 @@ def _features(S):
                                              "info": {"format": "16-bit PNG", "unit": "mm", "invalid": 0}}
         feats[f"observation.intrinsics.{cam}"] = vec(9, [f"k{i}{j}" for i in range(3) for j in range(3)])
         feats[f"observation.extrinsics.{cam}"] = vec(16, [f"t{i}{j}" for i in range(4) for j in range(4)])
-    for key, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
-                       ("index", "int64"), ("task_index", "int64")):
+    for key, dtype in INDEX_FEATURES:
         feats[key] = {"dtype": dtype, "shape": [1], "names": None}
     return feats
-
-
-def _schema(feats):
-    fields = []
-    for key, f in feats.items():
-        if f["dtype"] == "image":
-            fields.append((key, IMAGE))
-        elif f["shape"] == [1]:
-            fields.append((key, pa.float32() if f["dtype"] == "float32" else pa.int64()))
-        else:
-            fields.append((key, pa.list_(pa.float32())))
-    return pa.schema(fields)
 
 
 class _Stats:
@@ -260,7 +235,7 @@ def write_demos(out, task, n_episodes, setting="clean", seed=0, image_size=128):
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
     env = sim.TabletopEnv(task, setting, seed, image_size)
     feats, stats = _features(image_size), _Stats()
-    schema = _schema(feats)
+    schema = arrow_schema(feats)
     tasks, episodes, rows, file_index, file_bytes, total, attempt = {}, [], [], 0, 0, 0, 0
     bar = tqdm(total=n_episodes, desc=f"demos {task}/{setting}")
     while len(episodes) < n_episodes:

@@ -178,7 +178,7 @@ def write_public_libero_meta(root, lengths, size):
 def public_libero_table(ep, e, index):
     """The parquet table of episode e (frames `ep`, dataset index of its first frame `index`)."""
     import pyarrow as pa
-    from sim_export import png_bytes
+    from formats import png_bytes
     image_t, n = pa.struct([("bytes", pa.binary()), ("path", pa.string())]), len(ep)
     return pa.table({
         "image": pa.array([{"bytes": png_bytes(f["image"]), "path": f"frame_{t:06d}.png"}
