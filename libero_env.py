@@ -132,11 +132,9 @@ def libero_views(env, obs, size, convention):
 
 def run_libero(args, policy, results, run_protocol):
     """All tasks of `args.suite`, the first `args.episodes` initial states of each."""
-    benchmark = require_libero()[0]
+    suite = open_suite(args.suite)
     from robosuite import macros
-    check_suite(args.suite)
     n = min(args.episodes, N_INIT_STATES)
-    suite = benchmark.get_benchmark_dict()[args.suite]()
     names = [suite.get_task(i).name for i in range(suite.n_tasks)]
     if args.task != "all" and args.task not in names:
         raise ValueError(f"unknown task {args.task!r} in {args.suite}; expected 'all' or one of {names}")
@@ -150,7 +148,7 @@ def run_libero(args, policy, results, run_protocol):
 
     def episodes():
         for task_id in task_ids:
-            _, task, env = make_env(args.suite, task_id, RESOLUTION, depth=policy.use_depth)
+            task, env = make_env(suite, task_id, RESOLUTION, depth=policy.use_depth)
             init = suite.get_task_init_states(task_id)
             for i in range(n):
                 ok, steps = libero_episode(env, init[i], policy, task.language, limit, macros.IMAGE_CONVENTION)
@@ -183,16 +181,21 @@ def libero_episode(env, init_state, policy, instruction, limit, convention):
 
 
 # ----------------------------------------------------------------------------- recording
-def make_env(suite_name, task_id, size=RESOLUTION, depth=False):
-    """(suite, task, env) for one task of a suite, seeded with the protocol seed."""
-    benchmark, get_libero_path, OffScreenRenderEnv = require_libero()
+def open_suite(suite_name):
+    """The LIBERO benchmark suite of that name (checked against SUITES)."""
+    benchmark = require_libero()[0]
     check_suite(suite_name)
-    suite = benchmark.get_benchmark_dict()[suite_name]()
+    return benchmark.get_benchmark_dict()[suite_name]()
+
+
+def make_env(suite, task_id, size=RESOLUTION, depth=False):
+    """(task, env) for one task of an open_suite, seeded with the protocol seed."""
+    _, get_libero_path, OffScreenRenderEnv = require_libero()
     task = suite.get_task(task_id)
     bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
     env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=size, camera_widths=size, camera_depths=depth)
     env.seed(SEED)
-    return suite, task, env
+    return task, env
 
 
 def exploration_actions(steps, rng):
@@ -214,7 +217,8 @@ def record_libero(out, suite_name="libero_spatial", task_id=0, episodes=2, steps
     per camera (the public data has neither). Returns (episodes, frames)."""
     from lerobot import write_lerobot
     from robosuite import macros
-    suite, task, env = make_env(suite_name, task_id, size, depth=geometry)
+    suite = open_suite(suite_name)
+    task, env = make_env(suite, task_id, size, depth=geometry)
     init, rng = suite.get_task_init_states(task_id), np.random.default_rng(seed)
 
     def frames(i):

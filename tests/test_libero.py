@@ -346,7 +346,8 @@ def test_world_renders_into_its_own_context_when_another_is_current():
 def recorded():
     """Frames from the real simulator: libero_spatial task 0, initial state 0, settled, then 16
     exploration steps, with depth; (env, observations, suite)."""
-    suite, task, env = libero_env.make_env("libero_spatial", 0, 128, depth=True)
+    suite = libero_env.open_suite("libero_spatial")
+    task, env = libero_env.make_env(suite, 0, 128, depth=True)
     obs = [libero_env.start_episode(env, suite.get_task_init_states(0)[0])]
     for a in libero_env.exploration_actions(16, np.random.default_rng(0)):
         obs.append(env.step(a)[0])
