@@ -15,10 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fusion import box_corners, project
+from metrics import EDGES  # the 12 edges of box_corners' corner order
 from tokenizer import ObjectPose, quat_to_matrix
-
-
-EDGES = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]  # box_corners' edges
 
 
 def draw_objects(pen, objects, K, zoom=1, dx=0, labels=False):

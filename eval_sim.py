@@ -264,6 +264,19 @@ def ee_move_cm(policy, a, b):
 
 
 # ----------------------------------------------------------------------------- grounding
+def generate_scored(model, text_tok, pose_tok, items, n_views, max_new_tokens, device="cpu"):
+    """Greedy decoding of sample items (data.tensors arrays + prompt) -> per item (Decoded, per-view
+    scores, generated ids): collated, generated with scores, each row through scored_decode."""
+    import torch
+    from data import Collator
+    from trainer import to_device
+    batch = to_device(Collator(text_tok, max_dim=model.cfg.max_dim)(items), device)
+    with torch.no_grad():
+        ids, logps = model.generate(batch, max_new_tokens=max_new_tokens, return_scores=True)
+    return [(*scored_decode(text_tok, pose_tok, row, row_lp, n_views), row)
+            for row, row_lp in zip(ids.tolist(), logps.tolist())]
+
+
 def scored_decode(text_tok, pose_tok, ids, logps, n_views):
     """Generated ids -> (Decoded, per-view lists of scores): each tuple scored by the mean
     log-probability of its tokens, so AP can rank detections by the model's confidence. A tuple is
@@ -303,8 +316,7 @@ def scored_decode(text_tok, pose_tok, ids, logps, n_views):
 def run_grounding(args, protocol):
     """Decode every held-out sample (the model and data are read before anything is written to
     --out); returns the Results, the metrics in results.extra["grounding"]."""
-    import torch
-    from data import Collator, GroundingDataset, tensors
+    from data import GroundingDataset, tensors
     from formats import omni3d_files
     from model import load_checkpoint
     from tokenizer import PoseTokenizer
@@ -316,17 +328,15 @@ def run_grounding(args, protocol):
     pose_tok = PoseTokenizer(bins, size)
     ds = GroundingDataset(args.data, pose_tok, size, n_views=n_views, neg_frac=0.0, split="val", seed=args.seed)
     n = min(len(ds), args.max_samples) if args.max_samples else len(ds)
-    collate, pairs, centres = Collator(tok, max_dim=model.cfg.max_dim), [], []
+    pairs, centres = [], []
     results = Results(os.path.join(args.out, "results.json"), protocol)
     results.protocol.update(data=os.path.abspath(args.data), split="val", samples=n, views=n_views, image_size=size)
     for start in range(0, n, args.batch_size):
         idx = range(start, min(n, start + args.batch_size))
         built = [ds.build(i) for i in idx]
         items = [{**tensors(views, size), "prompt": prompt, "target": ""} for views, prompt, _ in built]
-        with torch.no_grad():
-            ids, logps = model.generate(collate(items), max_new_tokens=args.max_new_tokens, return_scores=True)
-        for i, (views, prompt, _), row, row_lp in zip(idx, built, ids, logps):
-            decoded, scores = scored_decode(tok, pose_tok, row.tolist(), row_lp.tolist(), n_views)
+        answers = generate_scored(model, tok, pose_tok, items, n_views, args.max_new_tokens)
+        for i, (views, prompt, _), (decoded, scores, _) in zip(idx, built, answers):
             pairs += grounding_pairs(decoded, views, scores)
             centres += centre_errors(decoded, views)
             if i < args.overlays:

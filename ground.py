@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import Collator, View, object_label, source_box, tensors
+from data import View, object_label, source_box, tensors
 from draw import draw_image
-from errors import at_least, cli, read_json
-from eval_sim import scored_decode
+from errors import at_least, cli, read_file, read_json
+from eval_sim import generate_scored
 from formats import decode_depth_png, decode_image
 from fusion import letterbox, project
 from tokenizer import NO_OBJECT, ObjectPose, PoseTokenizer, quat_to_matrix
@@ -69,10 +69,7 @@ def read_depth(path, scale, shape):
     """(H, W) float32 metres from a depth PNG or .npy, raw value * scale; scale None: 0.001 for
     integer data (millimetres, method.md §2.4), 1.0 for float .npy (metres)."""
     if path.endswith(".npy"):
-        try:
-            raw = np.load(path)
-        except Exception as e:  # numpy raises several types for a bad file
-            raise ValueError(f"{path}: cannot read a depth array ({type(e).__name__}: {e})") from e
+        raw = read_file(path, "a depth array (.npy)", np.load)
         raw = raw[..., 0] if raw.ndim == 3 and raw.shape[-1] == 1 else raw
         if raw.dtype.kind not in "uif":
             raise ValueError(f"{path}: depth has dtype {raw.dtype}; expected numbers")
@@ -127,7 +124,7 @@ def detections(tuples, scores, query, view, K, image_shape):
     scale, offset = view.lb.scale, np.asarray(view.lb.offset)
     out, skipped = [], 0
     for d, score in zip(tuples, scores):
-        if d.size is None or d.t is None:  # a waypoint or 2D-box tuple: not an object pose
+        if d.size is None:  # a waypoint or 2D-box tuple: not an object pose
             skipped += 1
             continue
         corners = (np.asarray(d.anchor, np.float64).reshape(-1, 2) - offset) / scale  # letterbox -> original
@@ -149,15 +146,8 @@ def ground(model, tok, pose_tok, arrays, names, max_new_tokens=MAX_NEW_TOKENS, d
     """One query per name on the prepared view (prepare's arrays) -> per name (Decoded with view 0
     only, the scores of its tuples, the generated text)."""
     items = [{**arrays, "prompt": f"detect the {object_label(n)}", "target": ""} for n in names]
-    batch = Collator(tok, max_dim=model.cfg.max_dim)(items)
-    batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-    with torch.no_grad():
-        ids, logps = model.generate(batch, max_new_tokens=max_new_tokens, return_scores=True)
-    out = []
-    for row, row_lp in zip(ids.tolist(), logps.tolist()):
-        decoded, scores = scored_decode(tok, pose_tok, row, row_lp, n_views=1)
-        out.append((decoded, scores[0], tok.decode(row, skip_special_tokens=True)))
-    return out
+    answers = generate_scored(model, tok, pose_tok, items, 1, max_new_tokens, device)
+    return [(decoded, scores[0], tok.decode(row, skip_special_tokens=True)) for decoded, scores, row in answers]
 
 
 def report(names, answers, view, K, image_shape):
