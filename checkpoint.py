@@ -82,21 +82,19 @@ def start_model(args, fit_bins_fn):
     alone); --resume continues the run as it was."""
     if args.resume:
         return load_checkpoint(args.resume)
-    if args.init:
-        if is_released(args.init):  # pi0 / Pose-VLA weights: bins and tokenizer as for a fresh run
-            seed_everything(args.seed)
-            bins = fit_bins_fn()
-            model, tok, _ = convert(args.init, args.config or "paligemma-3b", bins, tokenizer_dir=args.vlm)
-        else:
-            model, tok, bins = load_checkpoint(resolve_checkpoint(args.init))
-        if args.no_priors:
-            model.cfg.use_rays = model.cfg.use_depth = False
-            model.fusion.rays = model.fusion.depth = None
-        return model, tok, bins
-    seed_everything(args.seed)
-    bins = fit_bins_fn()
-    priors = {"use_rays": False, "use_depth": False} if args.no_priors else {}
-    model, tok = build_model(args.config or "tiny", bins, vlm_path=args.vlm, **priors)
+    if args.init and not is_released(args.init):
+        model, tok, bins = load_checkpoint(resolve_checkpoint(args.init))
+    else:  # fresh, or released pi0 / Pose-VLA weights: bins (and the tokenizer) as for a fresh run
+        seed_everything(args.seed)
+        bins = fit_bins_fn()
+        if not args.init:
+            priors = {"use_rays": False, "use_depth": False} if args.no_priors else {}
+            model, tok = build_model(args.config or "tiny", bins, vlm_path=args.vlm, **priors)
+            return model, tok, bins
+        model, tok, _ = convert(args.init, args.config or "paligemma-3b", bins, tokenizer_dir=args.vlm)
+    if args.no_priors:
+        model.cfg.use_rays = model.cfg.use_depth = False
+        model.fusion.rays = model.fusion.depth = None
     return model, tok, bins
 
 
@@ -153,9 +151,10 @@ def check_start_checkpoints(args, resume_needs=()):
     """The start checks both stages share, after their own: --init and --resume are complete
     checkpoints of the --config asked for (a --resume also holds `resume_needs`), and the full
     configuration has PaliGemma's weights to start from."""
-    for ckpt, need in ((args.init, ()), (args.resume, resume_needs)):
-        if ckpt and not (ckpt == args.init and is_released(ckpt)):  # released weights: convert.py checks them
-            check_checkpoint(ckpt, args.config, need=need)
+    if args.init and not is_released(args.init):  # released weights: convert.py checks them
+        check_checkpoint(args.init, args.config)
+    if args.resume:
+        check_checkpoint(args.resume, args.config, need=resume_needs)
     if args.config == "paligemma-3b" and not (args.vlm or args.init or args.resume):
         raise ValueError("--config paligemma-3b needs --vlm DIR (a local google/paligemma-3b-pt-224)")
 
