@@ -11,7 +11,8 @@ import torch
 
 VISUAL_KEYS = ("images", "view_mask", "rays", "has_rays", "depth", "has_depth")
 SENSITIVITY_KEYS = ("img_tv", "img_tv_loc", "img_action_delta", "img_action_delta_first",
-                    "prompt_action_delta", "prompt_action_delta_first")
+                    "prompt_action_delta", "prompt_action_delta_first", "action_err", "img_swap_action_err",
+                    "mean_action_err")
 
 
 def roll_samples(batch, keys):
@@ -29,7 +30,12 @@ def image_sensitivity(model, batch, loc_ids=None, seed=0):
         whose target is a <loc> token (loc_ids: their token ids), the location stage 1 must learn;
       img_action_delta: mean L2 change of the sampled chunk (normalised units) for a fixed noise,
         over the chunk (_first: its first step); prompt_action_delta: the same when the prompts are
-        swapped instead, the scale of a change the model does react to.
+        swapped instead, the scale of a change the model does react to;
+      action_err: mean L2 error of the sampled chunk against the true one over its real steps,
+        img_swap_action_err the same with the views swapped, mean_action_err that of always answering
+        the mean action (0 in normalised units): moving with the images is not enough, the images
+        must make the chunk better (action_err < img_swap_action_err), and the chunk must beat the
+        trivial answer.
     Runs in eval mode (the previous mode is restored) and draws nothing from the global RNG, so a
     resumed training run stays exact."""
     B = batch["images"].shape[0]
@@ -69,10 +75,16 @@ def _action_deltas(model, batch, swapped, seed):
     noise = torch.randn(actions.shape, generator=torch.Generator().manual_seed(seed)).to(actions)
     # Only the dims the data fills: zero-padding up to max_dim (and constant dims) is 0 in every sample.
     dims = actions.flatten(0, 1).abs().amax(0) > 0                              # (D,)
+    true = actions[..., dims].float()                                            # (B, H, d)
+    real = ~batch["is_pad"] if "is_pad" in batch else torch.ones(true.shape[:2], dtype=torch.bool, device=true.device)  # (B, H)
+    error = lambda chunk: (chunk - true).norm(dim=-1)[real].mean().item()  # noqa: E731
     base = model.sample_actions(batch, noise=noise)[..., dims].float()          # (B, H, d)
-    out = {}
+    out = {"action_err": error(base), "mean_action_err": error(torch.zeros_like(true))}
     for name, other in (("img", swapped), ("prompt", roll_samples(batch, ("prompt_ids", "prompt_mask")))):
-        step = (model.sample_actions(other, noise=noise)[..., dims].float() - base).norm(dim=-1)  # (B, H)
+        chunk = model.sample_actions(other, noise=noise)[..., dims].float()     # (B, H, d)
+        step = (chunk - base).norm(dim=-1)                                      # (B, H)
         out[f"{name}_action_delta"] = step.mean().item()
         out[f"{name}_action_delta_first"] = step[:, 0].mean().item()
+        if name == "img":
+            out["img_swap_action_err"] = error(chunk)
     return out

@@ -335,6 +335,27 @@ def test_image_sensitivity_sees_the_images(tiny):
         image_sensitivity(model, {k: v[:1] for k, v in batch.items()})
 
 
+def test_action_errors_score_the_sampled_chunk_against_the_demonstrated_one(tiny):
+    model, tok = tiny
+    batch = probe_batch(model, tok)
+    s = image_sensitivity(model, batch)
+    noise = torch.randn(batch["actions"].shape, generator=torch.Generator().manual_seed(0))
+    true, real = batch["actions"], ~batch["is_pad"]                             # every dim filled here
+    with torch.no_grad():
+        chunk = model.sample_actions(batch, noise=noise)
+    assert s["action_err"] == pytest.approx((chunk - true).norm(dim=-1)[real].mean().item(), rel=1e-5)
+    assert s["mean_action_err"] == pytest.approx(true.norm(dim=-1)[real].mean().item(), rel=1e-5)
+    assert s["img_swap_action_err"] != pytest.approx(s["action_err"])  # the views swapped: another chunk
+    # padded steps (past an episode's end) are not scored, whatever the data holds there
+    junk = dict(batch, actions=torch.where(batch["is_pad"][..., None], 1e3, true))
+    again = image_sensitivity(model, junk)
+    assert again["mean_action_err"] == pytest.approx(s["mean_action_err"], rel=1e-5)
+    assert again["action_err"] == pytest.approx(s["action_err"], rel=1e-5)
+    # a batch whose views are all the same: swapping them cannot make the chunk worse or better
+    same = image_sensitivity(model, dict(batch, images=batch["images"][:1].repeat(2, 1, 1, 1, 1)))
+    assert same["img_swap_action_err"] == same["action_err"]
+
+
 def test_image_blind_model_shows_no_image_sensitivity_but_prompt_sensitivity(tiny):
     model, tok = tiny
     loc_ids = tok.convert_tokens_to_ids(loc_tokens())
