@@ -11,7 +11,7 @@ Three evaluations, one CLI:
 RoboTwin 2.0 runs the policy from its own evaluator through robotwin_policy/deploy_policy.py.
 
 Every run writes `results.json` recording the full protocol (checkpoint path and config hash,
-seeds, settings, step limits, executed steps per chunk, the priors fed (by default those the
+seeds (the policy's noise restarts per episode), settings, step limits, executed steps per chunk, the priors fed (by default those the
 checkpoint's priors.json says training saw), git commit of this code) and rewrites it
 after every episode, so a run stopped by Ctrl-C or an error still leaves the finished episodes.
 A tabletop run also records whether the policy looks at its cameras (`image_sensitivity`): how far
@@ -164,7 +164,7 @@ def tabletop_episode(env, policy, seed, max_steps, gif=None, tokens=0, probes=No
     """One closed-loop episode; success is checked after every step. Returns the episode record.
     probes: a list that receives a copy of the first observation (views, state, instruction)."""
     obs, start = env.reset(seed), time.perf_counter()
-    policy.reset()
+    policy.reset(episode=seed)  # the episode's own noise: its result does not depend on the episodes before it
     if probes is not None:  # copied: the renderer may reuse its buffers
         views = [{k: None if v is None else np.array(v) for k, v in view.items()}
                  for view in tabletop_views(obs, policy.cameras)]
@@ -451,7 +451,9 @@ def main(argv=None):
                         device=args.device, compile=args.compile)
         check_tabletop_cameras(args, policy)
         protocol.update(exec_steps=policy.exec_steps, chunk=policy.recipe["chunk"], stride=policy.recipe["stride"],
-                        **prior_record(policy, priors), policy_seed=args.seed, compile=args.compile)
+                        **prior_record(policy, priors), policy_seed=args.seed,
+                        policy_noise="per episode, seeded by numpy SeedSequence([policy_seed, env seed])",
+                        compile=args.compile)
         results = Results(os.path.join(args.out, "results.json"), protocol)
         run_tabletop(args, policy, results)
     results.report()

@@ -138,7 +138,7 @@ class Policy:
                              f"got {self.exec_steps}")
         self.collate = Collator(self.text_tok, max_dim=cfg.max_dim)
         self.pose_tok = PoseTokenizer(bins, self.size)
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed, self.generator = seed, torch.Generator(device="cpu").manual_seed(seed)
         self.queue, self.last_plan, self.last_batch, self.last_boxes = deque(), None, None, None
         self.chunk_seconds = []
         # compile=True: sample through fast.FastSampler (bf16 weights on CUDA, the Euler loop compiled);
@@ -209,9 +209,13 @@ class Policy:
         """A fresh plan's first `exec_steps` actions (for evaluators that run a chunk per call)."""
         return self.plan(views, state, prompt)[:self.exec_steps]
 
-    def reset(self):
+    def reset(self, episode=None):
+        """Forget the queued plan. episode (an id, e.g. the env seed): restart the noise from a seed of
+        (policy seed, episode), so an episode's actions do not depend on how long the ones before it ran."""
         self.queue.clear()
         self.last_plan = self.last_batch = None
+        if episode is not None:
+            self.generator.manual_seed(int(np.random.SeedSequence([self.seed, int(episode)]).generate_state(1)[0]))
 
     def latency(self):
         """ms per chunk (mean over plans) and the control rate the policy alone could sustain:

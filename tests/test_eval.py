@@ -137,6 +137,13 @@ def test_action_queue_replans_every_exec_steps(make_ckpt):
     np.testing.assert_allclose(same.act(views, np.zeros(16), "x"), actions[0])  # seeded noise: reproducible
     p.reset()
     assert not p.queue and p.last_plan is None
+    # an episode's noise is its own: the same plan whatever ran before, another plan in another episode
+    p.reset(episode=100003)
+    first = p.act(views, np.zeros(16), "x")
+    p.reset(episode=100003)
+    np.testing.assert_array_equal(p.act(views, np.zeros(16), "x"), first)
+    p.reset(episode=100004)
+    assert not np.allclose(p.act(views, np.zeros(16), "x"), first)
     with pytest.raises(ValueError, match="exec_steps"):
         Policy(ck, exec_steps=11)
 
@@ -228,6 +235,19 @@ def test_tabletop_eval_records_the_protocol_and_gifs(make_ckpt, tmp_path):
     gif = Image.open(os.path.join(out, f"pick_clean_{eval_sim.EVAL_SEED0}.gif"))
     assert gif.n_frames == r["episodes"][0]["steps"] + 1  # one frame per step, and the final scene
     assert not os.path.exists(os.path.join(out, f"pick_clean_{eval_sim.EVAL_SEED0 + 1}.gif"))
+
+
+def test_each_episode_restarts_the_policy_noise(make_ckpt):
+    """An episode's actions follow from its own seed, not from how long the episodes before it ran."""
+    p = Policy(make_ckpt("noise", action_std=0.1), exec_steps=2)
+    env = sim.TabletopEnv("pick", "clean", eval_sim.EVAL_SEED0, 64, cameras=tuple(c.split(".")[-1] for c in p.cameras))
+    ends = []
+    for before in (2, 5):  # one plan before, or three
+        eval_sim.tabletop_episode(env, p, eval_sim.EVAL_SEED0, before)
+        eval_sim.tabletop_episode(env, p, eval_sim.EVAL_SEED0 + 1, 3)
+        ends.append(env.state())
+    env.close()
+    np.testing.assert_array_equal(ends[0], ends[1])
 
 
 def test_interrupted_run_keeps_finished_episodes(make_ckpt, tmp_path, monkeypatch):
