@@ -11,9 +11,10 @@ Three evaluations, one CLI:
 RoboTwin 2.0 runs the policy from its own evaluator through robotwin_policy/deploy_policy.py.
 
 Every run writes `results.json` recording the full protocol (checkpoint path and config hash,
-seeds (the policy's noise restarts per episode), settings, step limits, executed steps per chunk, the priors fed (by default those the
-checkpoint's priors.json says training saw), git commit of this code) and rewrites it
-after every episode, so a run stopped by Ctrl-C or an error still leaves the finished episodes.
+seeds (the policy's noise restarts per episode), settings, step limits, executed steps per chunk,
+the priors fed (by default those the checkpoint's priors.json says training saw), git commit of
+this code) and rewrites it after every episode, so a run stopped by Ctrl-C or an error still
+leaves the finished episodes.
 A tabletop run also records whether the policy looks at its cameras (`image_sensitivity`): how far
 the planned chunk moves when the views are another episode's, next to another instruction's.
 """

@@ -76,15 +76,15 @@ def _action_deltas(model, batch, swapped, seed):
     # Only the dims the data fills: zero-padding up to max_dim (and constant dims) is 0 in every sample.
     dims = actions.flatten(0, 1).abs().amax(0) > 0                              # (D,)
     true = actions[..., dims].float()                                            # (B, H, d)
-    real = ~batch["is_pad"] if "is_pad" in batch else torch.ones(true.shape[:2], dtype=torch.bool, device=true.device)  # (B, H)
+    real = ~batch["is_pad"] if "is_pad" in batch else torch.ones_like(true[..., 0], dtype=torch.bool)  # (B, H)
     error = lambda chunk: (chunk - true).norm(dim=-1)[real].mean().item()  # noqa: E731
     base = model.sample_actions(batch, noise=noise)[..., dims].float()          # (B, H, d)
-    out = {"action_err": error(base), "mean_action_err": error(torch.zeros_like(true))}
-    for name, other in (("img", swapped), ("prompt", roll_samples(batch, ("prompt_ids", "prompt_mask")))):
-        chunk = model.sample_actions(other, noise=noise)[..., dims].float()     # (B, H, d)
+    chunks = {name: model.sample_actions(other, noise=noise)[..., dims].float()  # (B, H, d) each
+              for name, other in (("img", swapped), ("prompt", roll_samples(batch, ("prompt_ids", "prompt_mask"))))}
+    out = {"action_err": error(base), "img_swap_action_err": error(chunks["img"]),
+           "mean_action_err": error(torch.zeros_like(true))}
+    for name, chunk in chunks.items():
         step = (chunk - base).norm(dim=-1)                                      # (B, H)
         out[f"{name}_action_delta"] = step.mean().item()
         out[f"{name}_action_delta_first"] = step[:, 0].mean().item()
-        if name == "img":
-            out["img_swap_action_err"] = error(chunk)
     return out
