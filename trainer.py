@@ -468,14 +468,19 @@ def evaluate(run, net, dataset, collate, cfg, d):
 
 
 def probe_images(run, dataset, collate, cfg, d):
-    """sensitivity.image_sensitivity on the held-out set's first batch (at least 2 samples), keys prefixed
-    `eval_`; {} for a one-sample set. Every process probes the same samples, so the figures agree
+    """sensitivity.image_sensitivity on one batch (at least 2 samples) spread over the held-out set, keys
+    prefixed `eval_`; {} for a one-sample set. Neighbours in the batch are half the set apart, so the
+    swap (sample i gets sample i-1's views or prompt) pairs different episodes: a robot set's first
+    batch is one episode's consecutive frames, where swapping views measures frame-to-frame change and
+    swapping prompts changes nothing. Every process probes the same samples, so the figures agree
     without a reduction and FSDP's collectives line up."""
     n = min(len(dataset), max(2, cfg.batch_size))
     if n < 2:
         return {}
+    spread = np.linspace(0, len(dataset) - 1, n).round().astype(int)          # n distinct indices
+    order = spread[np.argsort(np.arange(n) % ((n + 1) // 2), kind="stable")]  # 0, n/2, 1, n/2 + 1, ...
     dataset.set_epoch(0)
-    batch = to_device(collate([dataset[i] for i in range(n)]), d.device)
+    batch = to_device(collate([dataset[int(i)] for i in order]), d.device)
     with autocast(d.device):
         figures = image_sensitivity(run.model, batch, loc_ids=run.tok.convert_tokens_to_ids(loc_tokens()))
     return {f"eval_{k}": v for k, v in figures.items()}

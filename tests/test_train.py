@@ -7,8 +7,9 @@ Catches: a stage whose loss does not fall, post-training that still trains the t
 that is not bit-exact (optimiser, RNG, data position, the step-0 probe), DDP replicas that drift or
 share their flow noise, FSDP checkpoints that are saved sharded, bad flags found only after data
 generation, the held-out monitor matching by position instead of by name or reading the <loc>
-argmax of the wrong token, --no-priors that keeps the prior embedders, and a config that does not
-name its preset (or an old checkpoint without the name whose preset is no longer recognised)."""
+argmax of the wrong token, an image probe that swaps frames of one episode, --no-priors that keeps
+the prior embedders, and a config that does not name its preset (or an old checkpoint without the
+name whose preset is no longer recognised)."""
 import json
 import os
 import shutil
@@ -371,3 +372,20 @@ def test_start_model_from_init_can_drop_the_priors(stage1):
     assert not any(k.startswith("fusion.") for k in rgb.state_dict())
     for k, v in rgb.state_dict().items():
         torch.testing.assert_close(v, kept.state_dict()[k])
+
+
+def test_held_out_probe_swaps_between_episodes(stage1, data):
+    """The step-0 / evaluation probe (trainer.probe_images) must pair samples of different episodes:
+    a robot set's first batch is one episode's consecutive frames, where the prompt swap is a no-op
+    (prompt_action_delta exactly 0) and the view swap measures frame-to-frame change."""
+    from types import SimpleNamespace
+    from data import Collator, open_datasets
+    from tokenizer import PoseTokenizer
+    from trainer import Dist, probe_images
+    model, tok, bins = load_checkpoint(os.path.join(stage1, "step_000014"))
+    ds = open_datasets([data["d"]], "robot", pose_tokenizer=PoseTokenizer(bins, model.cfg.image_size),
+                       image_size=model.cfg.image_size, seed=0, chunk=16, stride=1, stats="auto")
+    assert len({ds[i]["prompt"] for i in range(len(ds))}) == 2  # two episodes, two instructions
+    figures = probe_images(SimpleNamespace(model=model, tok=tok), ds, Collator(tok), SimpleNamespace(batch_size=4),
+                           Dist())
+    assert figures["eval_prompt_action_delta"] > 1e-3 and figures["eval_img_action_delta"] > 1e-3
