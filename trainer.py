@@ -468,12 +468,10 @@ def evaluate(run, net, dataset, collate, cfg, d):
 
 
 def probe_images(run, dataset, collate, cfg, d):
-    """sensitivity.image_sensitivity on one batch (at least 2 samples) spread over the held-out set, keys
-    prefixed `eval_`; {} for a one-sample set. Neighbours in the batch are half the set apart, so the
-    swap (sample i gets sample i-1's views or prompt) pairs different episodes: a robot set's first
-    batch is one episode's consecutive frames, where swapping views measures frame-to-frame change and
-    swapping prompts changes nothing. Every process probes the same samples, so the figures agree
-    without a reduction and FSDP's collectives line up."""
+    """sensitivity.image_sensitivity on one batch (at least 2 samples) spread over the held-out set with
+    neighbours half the set apart, so each swap pairs two episodes (a robot set's first batch is one
+    episode's consecutive frames); keys prefixed `eval_`, {} for a one-sample set. Every process probes
+    the same samples, so the figures agree without a reduction and FSDP's collectives line up."""
     n = min(len(dataset), max(2, cfg.batch_size))
     if n < 2:
         return {}
