@@ -74,6 +74,9 @@ def build_parser():
     p.add_argument("--targets", default="poses", choices=["poses", "boxes"],
                    help="poses: the method; boxes: the semantic baseline (ablation.py) on the same data and "
                         "compute: stage 1 writes names + 2D boxes only, stage 2 trains flow matching only")
+    p.add_argument("--anchor", default="center", choices=["center", "box"],
+                   help="grounding, poses: an object tuple's 2D anchor: its box centre as 2 <loc> tokens (the "
+                        "paper) or its box corners as 4 (the released code; the tiny VLM's own 2D box format)")
     p.add_argument("--stride", type=at_least(1), default=1, help="motion: frames between chunk steps (RoboTwin: 3)")
     p.add_argument("--show", type=at_least(0), default=3,
                    help="grounding: held-out samples printed and drawn at the end")
@@ -289,7 +292,7 @@ def main(argv=None):
     default_rates(args, model.cfg)
     cfg = train_config(args)
     cfg.action_weight = 10.0 if args.stage == "motion" else 1.0  # method.md §7.4: action loss x10 in stage 2
-    pose_tok = PoseTokenizer(bins, model.cfg.image_size)
+    pose_tok = PoseTokenizer(bins, model.cfg.image_size, anchor=args.anchor)
     train_ds, eval_ds = datasets(args, train_paths, eval_paths, pose_tok, model.cfg)
     if args.stage == "vlm" and not args.resume:
         vlm.init_loc_embeddings(model, tok)

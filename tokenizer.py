@@ -260,6 +260,9 @@ _DIGITS = {"loc": 4, "transXY": 4, "transZ": 4, "size": 4, "rot": 3}
 
 
 class PoseTokenizer:
+    """`anchor` is how object tuples are written (§3.2: "center", the paper's; "box", the released
+    code's). Decoding reads either, since the number of <loc> tokens says which."""
+
     def __init__(self, bins: PoseBins, image_size: int, anchor: str = "center"):
         if anchor not in ("center", "box"):
             raise ValueError(f"anchor must be 'center' or 'box', got {anchor!r}")
@@ -376,7 +379,9 @@ class PoseTokenizer:
         if kinds == ["loc"] * 4:  # a 2D box (encode_boxes)
             box = (np.array(idx, dtype=np.float64) + 0.5) / N_LOC * self.image_size
             return DecodedTuple(m.group(1).strip(), box, None, None, None, None)
-        n_loc = 4 if self.anchor == "box" and "size" in kinds else 2
+        n_loc = next((i for i, k in enumerate(kinds) if k != "loc"), len(kinds))  # the text says which anchor
+        if n_loc not in ((2, 4) if "size" in kinds else (2,)):
+            return None
         body = ["transXY", "transXY", "transZ"] + (["size"] * 3 if "size" in kinds else []) + ["rot"] * 3
         if kinds != ["loc"] * n_loc + body:
             return None

@@ -125,8 +125,13 @@ def test_exact_text_format_both_anchor_modes():
     box = PoseTokenizer(bins, 100, anchor="box").encode_objects([[obj]])
     assert box == f"<image0> red mug<loc0102><loc0204><loc0307><loc0409>{body}</image0>"
     assert PoseTokenizer(bins, 100, anchor="box").decode(box).views[0][0].anchor.shape == (4,)
-    # A tokenizer in one anchor mode rejects the other mode's object tuples.
-    assert PoseTokenizer(bins, 100).decode(box).n_rejected == 1
+    # Decoding reads either anchor whatever the writing mode (the <loc> count says which); 3 or 1 <loc>s are garbage.
+    for text, n_loc in ((box, 4), (center, 2)):
+        (got,) = PoseTokenizer(bins, 100, anchor="center" if n_loc == 4 else "box").decode(text).views[0]
+        assert got.anchor.shape == (n_loc,) and np.allclose(got.t, PoseTokenizer(bins, 100).decode(center).views[0][0].t)
+    assert np.allclose(PoseTokenizer(bins, 100).decode(box).views[0][0].anchor, obj.box2d, atol=0.1)
+    for bad in ("<loc0102><loc0204><loc0307>", "<loc0102>"):
+        assert PoseTokenizer(bins, 100).decode(f"<image0> red mug{bad}{body}</image0>").n_rejected == 1
     with pytest.raises(ValueError, match="name"):
         PoseTokenizer(bins, 100).encode_objects([[ObjectPose("a;b", obj.box2d, obj.t, obj.size, obj.R)]])
     # The semantic baseline's text: the same name and box as <loc> tokens, no pose.

@@ -12,6 +12,7 @@ the prior embedders, and a config that does not name its preset (or an old check
 name whose preset is no longer recognised)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -389,3 +390,26 @@ def test_held_out_probe_swaps_between_episodes(stage1, data):
     figures = probe_images(SimpleNamespace(model=model, tok=tok), ds, Collator(tok), SimpleNamespace(batch_size=4),
                            Dist())
     assert figures["eval_prompt_action_delta"] > 1e-3 and figures["eval_img_action_delta"] > 1e-3
+
+
+def test_anchor_flag_reaches_the_targets_and_the_monitor(stage1, data, tmp_path, monkeypatch):
+    """--anchor box: stage 1's targets write each object's box corners (4 <loc>s) and the held-out
+    monitor still reads them (one anchor per tuple, its centre scored); the default writes 2."""
+    built, real = {}, pretrain.datasets
+
+    def spy(args, *rest):  # the datasets main() builds, kept by --anchor
+        built[args.anchor] = real(args, *rest)
+        return built[args.anchor]
+
+    monkeypatch.setattr(pretrain, "datasets", spy)
+    for anchor in ("center", "box"):
+        out = str(tmp_path / anchor)
+        pretrain.main(["--data", data["g"], "--eval-data", data["gv"], "--out", out, "--steps", "1", "--init", stage1,
+                       "--eval-every", "1", "--show", "1", "--anchor", anchor, *FAST[:-2]])
+        (last,) = [r for r in records(out, "eval_loc_anchors") if r["step"] == 1]
+        assert last["eval_loc_anchors"] > 0 and np.isfinite(last["eval_loc_argmax_err_px"])
+    for anchor, n_loc in (("center", 2), ("box", 4)):
+        train_ds, eval_ds = built[anchor]
+        texts = [ds.build(i)[2] for ds in (train_ds, eval_ds) for i in range(len(ds))]
+        runs = {len(r) // len("<loc0000>") for t in texts for r in re.findall(r"(?:<loc\d{4}>)+", t)}
+        assert runs == {n_loc}, (anchor, runs)
