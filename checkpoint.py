@@ -35,6 +35,8 @@ from trainer import everywhere, full_norm, gather, rng_state, seed_everything, s
 # --skip-bad may be turned on to get past a bad sample that stopped the run (until it, nothing differs).
 RESUME_OVERRIDES = {"resume", "out", "steps", "workers", "eval_every", "save_every", "keep", "log_every",
                     "skip_bad"}
+# Flags added after runs were written with this code, and the value that continues those runs as they were.
+LATER_FLAGS = {"skip_bad": False, "anchor": "center"}
 
 
 def parse_args(build_parser, argv=None, need=()):
@@ -49,8 +51,8 @@ def parse_args(build_parser, argv=None, need=()):
     saved = read_json(os.path.join(ckpt, "train_args.json"), "the run's flags (a JSON object)")
     if not isinstance(saved, dict):
         raise ValueError(f"{ckpt}/train_args.json: expected a JSON object of the run's flags")
-    saved.setdefault("skip_bad", False)  # runs from before the flag existed
     names = vars(build_parser().parse_args([]))
+    saved = {**{k: v for k, v in LATER_FLAGS.items() if k in names}, **saved}
     if set(names) - set(saved):
         raise ValueError(f"{ckpt}/train_args.json lacks {sorted(set(names) - set(saved))}: the run was "
                          "written by the other training script")

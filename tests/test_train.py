@@ -413,3 +413,20 @@ def test_anchor_flag_reaches_the_targets_and_the_monitor(stage1, data, tmp_path,
         texts = [ds.build(i)[2] for ds in (train_ds, eval_ds) for i in range(len(ds))]
         runs = {len(r) // len("<loc0000>") for t in texts for r in re.findall(r"(?:<loc\d{4}>)+", t)}
         assert runs == {n_loc}, (anchor, runs)
+
+
+def test_resume_fills_flags_added_later_and_still_refuses_the_other_script(stage1, tmp_path):
+    """A run written before a flag existed (checkpoint.LATER_FLAGS) resumes with the value that
+    continues it; a flag missing for any other reason means another script's run: refused."""
+    old = tmp_path / "old"
+    shutil.copytree(os.path.join(stage1, "step_000014"), old)
+    path = old / "train_args.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("anchor", "skip_bad")}))
+    pretrain.main(["--resume", str(old), "--steps", "15", "--out", str(tmp_path / "more")])
+    with open(tmp_path / "more" / "step_000015" / "train_args.json") as f:
+        resumed = json.load(f)
+    assert resumed["anchor"] == "center" and resumed["skip_bad"] is False and resumed["steps"] == 15
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "targets"}))
+    with pytest.raises(ValueError, match=r"lacks \['targets'\]: the run was written by the other"):
+        pretrain.main(["--resume", str(old), "--steps", "16", "--out", str(tmp_path / "never")])
