@@ -29,12 +29,13 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
+from batches import autocast
 from errors import at_least, cli
 from fast import FastSampler
 from config import paligemma_3b_config
 from model import PoseVLA, attach_tokenizer, build_model, count_parameters
 from tokenizer import PoseBins
-from trainer import TrainConfig, autocast, make_optimizer, set_trainable
+from trainer import TrainConfig, make_optimizer, set_trainable
 
 # Dense bf16 tensor-core peaks (TFLOP/s), matched against torch.cuda.get_device_name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}

@@ -113,7 +113,7 @@ class _Resilient(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def __getitem__(self, index):
-        """index: an int (the epoch set by set_epoch), or (epoch, index) as trainer.EpochSampler
+        """index: an int (the epoch set by set_epoch), or (epoch, index) as batches.EpochSampler
         yields them to DataLoader workers, which set_epoch in the main process cannot reach."""
         return self.fetch(index, self.item)
 

@@ -270,7 +270,7 @@ def generate_scored(model, text_tok, pose_tok, items, n_views, max_new_tokens, d
     scores, generated ids): collated, generated with scores, each row through scored_decode."""
     import torch
     from data import Collator
-    from trainer import to_device
+    from batches import to_device
     batch = to_device(Collator(text_tok, max_dim=model.cfg.max_dim)(items), device)
     with torch.no_grad():
         ids, logps = model.generate(batch, max_new_tokens=max_new_tokens, return_scores=True)

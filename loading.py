@@ -59,7 +59,7 @@ def make_loader(dataset, batch_size, collate_fn, sampler=None, workers=2, persis
     first read (a test hung this way). Spawned workers unpickle the dataset (RobotSource drops open
     handles), so the caller's script needs an `if __name__ == "__main__":` guard. `persistent` keeps
     the workers (spawn start-up paid once) with the dataset copy they started with, so a later
-    `dataset.set_epoch` does not reach them: a sampler of (epoch, index) pairs does (trainer.py).
+    `dataset.set_epoch` does not reach them: a sampler of (epoch, index) pairs does (batches.EpochSampler).
     `kwargs` go to DataLoader (drop_last, generator, ...)."""
     if workers > 0:
         kwargs.update(multiprocessing_context="spawn", persistent_workers=persistent)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from batches import Batches, autocast, to_device
 import vlm
 from checkpoint import (Run, check_out, check_start_checkpoints, parse_args, recipe_json, refuse_non_finite, restore,
                         save, start_log, start_model)
@@ -32,9 +33,9 @@ from formats import detect_format
 from sim_export import builtin_demos
 from stats import Stats
 from tokenizer import PoseBins
-from trainer import (Batches, Log, StopFlag, add_train_args, autocast, default_rates, evaluate, make_optimizer,
-                     make_scheduler, probe_images, seed_everything, set_trainable, setup_distributed, to_device,
-                     train_config, wrap)
+from sensitivity import probe_images
+from trainer import (Log, StopFlag, add_train_args, default_rates, evaluate, make_optimizer, make_scheduler,
+                     seed_everything, set_trainable, setup_distributed, train_config, wrap)
 
 
 @dataclass

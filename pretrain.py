@@ -31,6 +31,7 @@ import time
 import numpy as np
 import torch
 
+from batches import Batches, autocast, to_device
 import vlm
 from checkpoint import (Run, check_out, check_start_checkpoints, parse_args, recipe_json, refuse_non_finite, restore,
                         save, start_log, start_model)
@@ -41,9 +42,9 @@ from formats import detect_format
 from metrics import centre_errors, centre_summary, nearest_pairs, rotation_error_deg
 from sim_export import builtin_demos, builtin_grounding
 from tokenizer import N_LOC, PoseTokenizer, loc_tokens, quat_to_matrix
-from trainer import (Batches, Log, StopFlag, add_train_args, autocast, default_rates, evaluate, make_optimizer,
-                     make_scheduler, probe_images, seed_everything, set_trainable, setup_distributed, to_device,
-                     train_config, wrap)
+from sensitivity import probe_images
+from trainer import (Log, StopFlag, add_train_args, default_rates, evaluate, make_optimizer, make_scheduler,
+                     seed_everything, set_trainable, setup_distributed, train_config, wrap)
 
 MAX_NEW_TOKENS = 200  # a few tuples of ~16 tokens in each of 3 views
 # Default --steps per stage. The tiny VLM's decoder needs the longest: its most likely <loc> is

@@ -3,10 +3,14 @@
 image_sensitivity() measures how much the outputs change when samples swap their views: the
 teacher-forced next-token distributions at the label positions (total variation, overall and at the
 <loc> targets) and the sampled action chunk (L2), with the change when the prompts are swapped
-instead as the scale of a change the model does react to. Logged at every held-out evaluation
-(trainer.py); a model that ignores its images shows ~0 here however low its loss.
+instead as the scale of a change the model does react to. probe_images() runs it on a fixed batch of a held-out set at every
+evaluation (trainer.evaluate); a model that ignores its images shows ~0 here however low its loss.
 """
+import numpy as np
 import torch
+
+from batches import autocast, to_device
+from tokenizer import loc_tokens
 
 
 VISUAL_KEYS = ("images", "view_mask", "rays", "has_rays", "depth", "has_depth")
@@ -88,3 +92,20 @@ def _action_deltas(model, batch, swapped, seed):
         out[f"{name}_action_delta"] = step.mean().item()
         out[f"{name}_action_delta_first"] = step[:, 0].mean().item()
     return out
+
+
+def probe_images(run, dataset, collate, cfg, d):
+    """image_sensitivity on one batch (at least 2 samples) spread over the held-out set with
+    neighbours half the set apart, so each swap pairs two episodes (a robot set's first batch is one
+    episode's consecutive frames); keys prefixed `eval_`, {} for a one-sample set. Every process probes
+    the same samples, so the figures agree without a reduction and FSDP's collectives line up."""
+    n = min(len(dataset), max(2, cfg.batch_size))
+    if n < 2:
+        return {}
+    spread = np.linspace(0, len(dataset) - 1, n).round().astype(int)          # n distinct indices
+    order = spread[np.argsort(np.arange(n) % ((n + 1) // 2), kind="stable")]  # 0, n/2, 1, n/2 + 1, ...
+    dataset.set_epoch(0)
+    batch = to_device(collate([dataset[int(i)] for i in order]), d.device)
+    with autocast(d.device):
+        figures = image_sensitivity(run.model, batch, loc_ids=run.tok.convert_tokens_to_ids(loc_tokens()))
+    return {f"eval_{k}": v for k, v in figures.items()}

@@ -1,17 +1,16 @@
 """What pretrain.py and posttrain.py share around their training loops (method.md §7.1).
 
 Each stage script shows its own loop (batch -> loss -> backward -> clip -> step -> log -> eval ->
-save); checkpoint.py holds run directories, save and resume. Reading order here:
+save); checkpoint.py holds run directories, save and resume;
+batches.py feeds the step (resumable batches, device, autocast). Reading order here:
   1. TrainConfig and its command-line flags; the learning rates per model size;
   2. processes and devices: torchrun env vars (gloo on CPU, NCCL on GPU), DDP or FSDP wrapping,
      activation checkpointing, RNG state;
   3. optimiser (AdamW 0.9/0.95, eps 1e-8, wd 1e-10), linear warmup + cosine schedule;
-  4. data: EpochSampler (endless (epoch, index) pairs, resumable) and Batches (one DataLoader,
-     workers started once); bf16 autocast on CUDA, fp32 on CPU;
-  5. around the step: Log (train_log.jsonl, tqdm, data-wait timing), StopFlag (Ctrl-C/SIGTERM:
+  4. around the step: Log (train_log.jsonl, tqdm, data-wait timing), StopFlag (Ctrl-C/SIGTERM:
      finish the step, save, exit 130), held-out evaluation with the image-sensitivity probe under a
      forked RNG (it never shifts the training randomness, so resumed runs stay exact);
-  6. generate_once: a cache folder written once and renamed into place (sim_export's built-in data).
+  5. generate_once: a cache folder written once and renamed into place (sim_export's built-in data).
 
 Bad input never trains silently. A sample that cannot be read or holds NaN/inf stops the run with
 an error naming its file, episode, frame and key (data.py); with --skip-bad it is replaced by the
@@ -21,7 +20,6 @@ last good checkpoint stays, and the error says which. Skipping such a batch woul
 run (too high a --lr), and bad data is already refused sample by sample before it reaches a batch.
 No checkpoint with NaN/inf weights is ever written (checkpoint.save).
 """
-import contextlib
 import json
 import math
 import os
@@ -36,11 +34,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from batches import autocast, to_device
 from config import CONFIGS
 from errors import at_least
-from loading import MixtureSampler, make_loader
-from sensitivity import image_sensitivity
-from tokenizer import loc_tokens
+from sensitivity import probe_images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,81 +282,6 @@ def make_scheduler(optimizer, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Endless (epoch, index) pairs for one process: epoch after epoch of MixtureSampler's order,
-    every world-th index from `rank`, each epoch cut to whole batches so that no batch straddles two
-    epochs (the count per epoch is the same on every process). The epoch travels with the index:
-    persistent DataLoader workers cannot be told `dataset.set_epoch`, so the dataset reads it from
-    the pair (data._Resilient.__getitem__). Iteration starts at `start` = (epoch, global samples of
-    that epoch already consumed)."""
-
-    def __init__(self, sizes, batch_size, seed, rank, world):
-        self.mixture, self.batch_size, self.rank, self.world = MixtureSampler(sizes, seed=seed), batch_size, rank, world
-        self.per_epoch = len(self.mixture) // world // batch_size * batch_size * world  # global samples
-        self.start = (0, 0)
-
-    def __iter__(self):
-        epoch, consumed = self.start
-        while True:
-            mine = self.mixture.indices(epoch)[self.rank:self.per_epoch:self.world]
-            for index in mine[consumed // self.world:].tolist():
-                yield epoch, index
-            epoch, consumed = epoch + 1, 0
-
-
-class Batches:
-    """Endless batches for this process from one DataLoader over an EpochSampler, its workers
-    started once for the whole run (spawned, see loading.make_loader). Position = (epoch, global
-    samples consumed this epoch), counted as batches arrive here (the workers run ahead), so a
-    resumed run draws exactly the batches the uninterrupted run would have drawn next."""
-
-    def __init__(self, dataset, collate, cfg, d):
-        if len(dataset) < cfg.batch_size * d.world:
-            raise ValueError(f"{type(dataset).__name__} has {len(dataset)} samples; one step needs "
-                             f"batch_size x processes = {cfg.batch_size * d.world}")
-        self.sampler = EpochSampler(dataset.sizes, cfg.batch_size, cfg.seed, d.rank, d.world)
-        self.global_batch = cfg.batch_size * d.world
-        # Own generator: starting an iterator must not draw from the global RNG (exact resume).
-        self.loader = make_loader(dataset, cfg.batch_size, collate, self.sampler, cfg.workers, drop_last=True,
-                                  worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(cfg.seed))
-        self.epoch, self.consumed, self.it = 0, 0, None
-
-    def __next__(self):
-        if self.it is None:  # first batch, or after load_state_dict (persistent workers are reused)
-            self.sampler.start = (self.epoch, self.consumed)
-            self.it = iter(self.loader)
-        if self.consumed >= self.sampler.per_epoch:
-            self.epoch, self.consumed = self.epoch + 1, 0
-        batch = next(self.it)
-        self.consumed += self.global_batch
-        return batch
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, s):
-        self.epoch, self.consumed, self.it = int(s["epoch"]), int(s["consumed"]), None
-
-
-def _worker_init(_):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the main process reacts to Ctrl-C
-
-
-def to_device(batch, device):
-    """Tensors to the device; the Collator's count of skipped samples stays behind (the loop reads
-    it before)."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-            if k != "skipped"}
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (method.md §7.1); full fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------
 # Around the step: the log, Ctrl-C, held-out evaluation
 
 class Log:
@@ -449,7 +371,7 @@ class StopFlag:
 def evaluate(run, net, dataset, collate, cfg, d):
     """Mean held-out losses over the first eval_batches x batch x processes samples, under a
     fixed, forked RNG (the training RNG stream is untouched, so resumed runs stay exact), and the
-    image-sensitivity probe (probe_images)."""
+    image-sensitivity probe (sensitivity.probe_images)."""
     n = cfg.eval_batches * cfg.batch_size * d.world
     idx = [i % len(dataset) for i in range(n)][d.rank::d.world]
     dataset.set_epoch(0)
@@ -465,23 +387,6 @@ def evaluate(run, net, dataset, collate, cfg, d):
     loss, ntp, flow = mean((sums / cfg.eval_batches).tolist(), d)
     return {"eval_loss": loss, "eval_ntp_loss": ntp, "eval_flow_loss": flow,
             **probe_images(run, dataset, collate, cfg, d)}
-
-
-def probe_images(run, dataset, collate, cfg, d):
-    """sensitivity.image_sensitivity on one batch (at least 2 samples) spread over the held-out set with
-    neighbours half the set apart, so each swap pairs two episodes (a robot set's first batch is one
-    episode's consecutive frames); keys prefixed `eval_`, {} for a one-sample set. Every process probes
-    the same samples, so the figures agree without a reduction and FSDP's collectives line up."""
-    n = min(len(dataset), max(2, cfg.batch_size))
-    if n < 2:
-        return {}
-    spread = np.linspace(0, len(dataset) - 1, n).round().astype(int)          # n distinct indices
-    order = spread[np.argsort(np.arange(n) % ((n + 1) // 2), kind="stable")]  # 0, n/2, 1, n/2 + 1, ...
-    dataset.set_epoch(0)
-    batch = to_device(collate([dataset[int(i)] for i in order]), d.device)
-    with autocast(d.device):
-        figures = image_sensitivity(run.model, batch, loc_ids=run.tok.convert_tokens_to_ids(loc_tokens()))
-    return {f"eval_{k}": v for k, v in figures.items()}
 
 
 # ----------------------------------------------------------------------------------------------

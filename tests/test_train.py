@@ -241,7 +241,8 @@ def grounding_batches(path, workers, steps, state=None):
     """(Batches, the first `steps` batches) over a small grounding set, batch 4, one process."""
     from data import Collator, GroundingDataset, fit_bins
     from tokenizer import PoseTokenizer, build_tiny_tokenizer
-    from trainer import Batches, Dist, TrainConfig
+    from batches import Batches
+    from trainer import Dist, TrainConfig
     ds = GroundingDataset(path, PoseTokenizer(fit_bins(path, n_bins=16), 112), 112)
     batches = Batches(ds, Collator(build_tiny_tokenizer()), TrainConfig(batch_size=4, workers=workers), Dist())
     if state is not None:
@@ -376,13 +377,14 @@ def test_start_model_from_init_can_drop_the_priors(stage1):
 
 
 def test_held_out_probe_swaps_between_episodes(stage1, data):
-    """The step-0 / evaluation probe (trainer.probe_images) must pair samples of different episodes:
+    """The step-0 / evaluation probe (sensitivity.probe_images) must pair samples of different episodes:
     a robot set's first batch is one episode's consecutive frames, where the prompt swap is a no-op
     (prompt_action_delta exactly 0) and the view swap measures frame-to-frame change."""
     from types import SimpleNamespace
     from data import Collator, open_datasets
     from tokenizer import PoseTokenizer
-    from trainer import Dist, probe_images
+    from sensitivity import probe_images
+    from trainer import Dist
     model, tok, bins = load_checkpoint(os.path.join(stage1, "step_000014"))
     ds = open_datasets([data["d"]], "robot", pose_tokenizer=PoseTokenizer(bins, model.cfg.image_size),
                        image_size=model.cfg.image_size, seed=0, chunk=16, stride=1, stats="auto")
