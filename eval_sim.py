@@ -27,12 +27,13 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import ee16
 from draw import draw_points, overlay, save_gif, world_to_pixels
 from errors import at_least, cli
-from metrics import CENTRE_HIT, centre_errors, centre_summary, evaluate, grounding_pairs
+from metrics import CENTRE_HIT, centre_errors, centre_summary, evaluate, grounding_pairs, landing_summary, landings
 
 EVAL_SEED0 = 100_000  # demonstrations use env seeds 0, 1, 2, ... (sim_export.write_demos): never overlap
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -329,23 +330,28 @@ def run_grounding(args, protocol):
     pose_tok = PoseTokenizer(bins, size)
     ds = GroundingDataset(args.data, pose_tok, size, n_views=n_views, neg_frac=0.0, split="val", seed=args.seed)
     n = min(len(ds), args.max_samples) if args.max_samples else len(ds)
-    pairs, centres = [], []
+    pairs, centres, landed = [], [], []
     results = Results(os.path.join(args.out, "results.json"), protocol)
     results.protocol.update(data=os.path.abspath(args.data), split="val", samples=n, views=n_views, image_size=size)
     for start in range(0, n, args.batch_size):
         idx = range(start, min(n, start + args.batch_size))
-        built = [ds.build(i) for i in idx]
+        built = [ds.build(i, every_object=True) for i in idx]  # every object: where do wrong anchors land?
         items = [{**tensors(views, size), "prompt": prompt, "target": ""} for views, prompt, _ in built]
         answers = generate_scored(model, tok, pose_tok, items, n_views, args.max_new_tokens)
-        for i, (views, prompt, _), (decoded, scores, _) in zip(idx, built, answers):
+        for i, (every, prompt, _), (decoded, scores, _) in zip(idx, built, answers):
+            query = ds.samples[i][1]
+            landed += landings(decoded, every, query, size)
+            views = [replace(v, objects=[o for o in v.objects if o.name == query]) for v in every]
             pairs += grounding_pairs(decoded, views, scores)
             centres += centre_errors(decoded, views)
             if i < args.overlays:
                 overlay(views, decoded, size).save(os.path.join(args.out, f"grounding_{i:04d}.png"))
             results.add(task="grounding", index=i, prompt=prompt, n_pred=sum(len(p) for p, _ in pairs[-n_views:]),
                         n_rejected=decoded.n_rejected)
-    metrics = {**evaluate(pairs), **centre_summary(centres, size)}
+    metrics = {**evaluate(pairs), **centre_summary(centres, size), **landing_summary(landed)}
     results.protocol["recall_2d"] = f"same-name anchor within {CENTRE_HIT:.0%} of the image size of the 2D box centre"
+    results.protocol["landed"] = (f"written anchors of the queried name by the labelled object nearest them (within "
+                                  f"{CENTRE_HIT:.0%} of the image size): the queried one, another one or none")
     results.extra["grounding"] = metrics
     results.save(complete=True)
     return results
@@ -355,7 +361,9 @@ def print_grounding(m):
     print(f"{m['n_images']} views, {m['n_gt']} objects, {m['n_pred']} predicted, {m['n_matched']} matched")
     print(f"AP (3D IoU 0.05..0.50) {100 * m['AP']:.1f}  AP@0.25 {100 * m['AP@0.25']:.1f}  "
           f"AP@0.5 {100 * m['AP@0.5']:.1f}")
-    print(f"2D: centre error {m['centre_px']:.1f} px, recall {100 * m['recall_2d']:.1f} %")
+    print(f"2D: centre error {m['centre_px']:.1f} px, recall {100 * m['recall_2d']:.1f} %; written anchors on the "
+          f"queried object {100 * m['landed_queried']:.1f} %, on another object {100 * m['landed_other']:.1f} %, "
+          f"on none {100 * m['landed_none']:.1f} %")
     print(f"rotation {m['rot_deg']:.1f} deg  translation {m['trans_cm']:.1f} cm  depth {m['depth_cm']:.1f} cm  "
           f"size {m['size_cm']:.1f} cm  5deg5cm {100 * m['5deg5cm']:.1f} %  10deg5cm {100 * m['10deg5cm']:.1f} %")
 

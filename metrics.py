@@ -20,6 +20,8 @@ Reading order:
      ground-truth objects (an unmatched one counts as a miss).
   6. centre_errors() / centre_summary(): the 2D grounding measure (decoded anchor centre vs true 2D
      box centre, by name) that pose tuples and the box-only baseline share.
+  7. landings() / landing_summary(): which labelled object a written anchor sits on, the queried
+     one or another: it tells a model that finds objects but confuses them from one that finds none.
 Object symmetries are not modelled: a rotation error is measured against the one annotated R.
 """
 from dataclasses import dataclass
@@ -265,3 +267,28 @@ def centre_summary(errors, size):
     found = errors[np.isfinite(errors)]
     return {"centre_px": float(np.median(found)) if len(found) else float("nan"),
             "recall_2d": float(np.mean(errors < CENTRE_HIT * size)) if len(errors) else float("nan")}
+
+
+def landings(decoded, views, query, size):
+    """Per decoded tuple named `query`: "queried" when its anchor centre is within CENTRE_HIT of the
+    image size of a labelled object's 2D box centre and the nearest such object is a `query`,
+    "other" when the nearest is another labelled object, "none" when no object is that near.
+    views must list every labelled object (data.GroundingDataset.build(..., every_object=True))."""
+    out = []
+    for v, view in enumerate(views):
+        centres = [np.array([(o.box2d[0] + o.box2d[2]) / 2, (o.box2d[1] + o.box2d[3]) / 2]) for o in view.objects]
+        for d in decoded.views[v]:
+            if d.name != query:
+                continue
+            dists = [np.linalg.norm((d.anchor[:2] + d.anchor[-2:]) / 2 - c) for c in centres]
+            j = int(np.argmin(dists)) if dists else -1
+            out.append("none" if j < 0 or dists[j] > CENTRE_HIT * size
+                       else "queried" if view.objects[j].name == query else "other")
+    return out
+
+
+def landing_summary(kinds):
+    """landings over many views -> the share of written anchors on the queried object, on another
+    labelled object and on none (NaN when nothing was written)."""
+    n = len(kinds)
+    return {f"landed_{k}": kinds.count(k) / n if n else float("nan") for k in ("queried", "other", "none")}

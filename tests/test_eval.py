@@ -324,6 +324,28 @@ def test_centre_errors_compare_pose_anchors_and_2d_boxes_alike():
     assert errors[0] < 1 and errors[1] == np.inf
 
 
+def test_landings_tell_a_confused_object_from_a_missed_one():
+    """A "red cube" anchor written on the cube, on the bowl and on empty table: queried / other /
+    none, judged against every labelled object; other names' tuples are not counted."""
+    from data import View
+    from metrics import landing_summary, landings
+    from tokenizer import ObjectPose
+    rng = np.random.default_rng(0)
+    bins = PoseBins.fit(rng.normal(0, 0.3, (500, 3)) + [0, 0, 0.9], rng.uniform(0.03, 0.12, (500, 3)), n_bins=256)
+    tok = PoseTokenizer(bins, 112)
+    pose = lambda name, box: ObjectPose(name, box, np.array([0.1, 0.0, 0.9]), np.array([0.05] * 3), np.eye(3))  # noqa: E731
+    cube, bowl = pose("red cube", (10, 20, 30, 40)), pose("blue bowl", (60, 60, 100, 90))
+    lb = letterbox(np.zeros((112, 112, 3), np.uint8), np.eye(3), 112)
+    views = [View(lb, (0, 0, 112, 112), [cube, bowl])] * 3
+    written = [[pose("red cube", cube.box2d)], [pose("red cube", bowl.box2d), bowl], [pose("red cube", (95, 5, 105, 15))]]
+    decoded = tok.decode(tok.encode_boxes(written), n_views=3)
+    assert landings(decoded, views, "red cube", 112) == ["queried", "other", "none"]
+    assert landings(decoded, views, "blue bowl", 112) == ["queried"]
+    m = landing_summary(landings(decoded, views, "red cube", 112))
+    assert m == pytest.approx({"landed_queried": 1 / 3, "landed_other": 1 / 3, "landed_none": 1 / 3})
+    assert np.isnan(landing_summary([])["landed_queried"])
+
+
 def test_scored_decode_scores_each_tuple_by_its_tokens():
     """Generated ids with known log-probabilities: each tuple gets the mean over its own tokens,
     the tuples equal those of decoding the whole text, and AP ranks by those scores."""
@@ -360,7 +382,7 @@ def test_scored_decode_scores_each_tuple_by_its_tokens():
 def test_grounding_cli_writes_metrics_and_overlays(make_ckpt, tmp_path):
     import sim_export
     data = str(tmp_path / "g_val")
-    sim_export.write_grounding(data, 1, seed=1, image_size=64, views_per_scene=1)
+    sim_export.write_grounding(data, 1, seed=3, image_size=64, views_per_scene=1)  # 3 objects
     out = str(tmp_path / "ev")
     eval_sim.main(["--grounding", "--ckpt", make_ckpt("gr"), "--data", data, "--max-samples", "2",
                    "--max-new-tokens", "8", "--overlays", "1", "--batch-size", "2", "--out", out])
@@ -369,6 +391,16 @@ def test_grounding_cli_writes_metrics_and_overlays(make_ckpt, tmp_path):
     assert r["complete"] and 1 <= r["protocol"]["samples"] <= 2 and g["n_images"] == 3 * r["protocol"]["samples"]
     # 8 new tokens cannot hold a whole tuple: nothing is found, and every true object counts as missed
     assert g["n_gt"] > 0 and g["n_matched"] == 0 and g["AP@0.25"] == 0.0 and g["recall_2d"] == 0.0
+    assert np.isnan(g["landed_queried"])  # nothing written, nothing landed
+    # the truth is the queried class only, though the views are built with every object to judge landings
+    from data import GroundingDataset
+    from model import load_checkpoint
+    model, _, bins = load_checkpoint(make_ckpt("gr"))
+    S = model.cfg.image_size
+    ds = GroundingDataset(data, PoseTokenizer(bins, S), S, n_views=model.cfg.n_views, neg_frac=0.0, split="val", seed=0)
+    n = r["protocol"]["samples"]
+    assert g["n_gt"] == sum(len(v.objects) for i in range(n) for v in ds.build(i)[0])
+    assert sum(len(v.objects) for i in range(n) for v in ds.build(i, every_object=True)[0]) > g["n_gt"]
     assert os.path.isfile(os.path.join(out, "grounding_0000.png"))
     with pytest.raises(ValueError, match="--data"):
         eval_sim.main(["--grounding", "--ckpt", make_ckpt("gr"), "--out", out])
