@@ -253,11 +253,20 @@ def centre_errors(decoded, views):
     errors = []
     for v, view in enumerate(views):
         for o in view.objects:
-            centre = np.array([(o.box2d[0] + o.box2d[2]) / 2, (o.box2d[1] + o.box2d[3]) / 2])
-            dists = [np.linalg.norm((d.anchor[:2] + d.anchor[-2:]) / 2 - centre)
+            dists = [np.linalg.norm(anchor_centre(d) - box_centre(o.box2d))
                      for d in decoded.views[v] if d.name == o.name]
             errors.append(float(min(dists, default=np.inf)))
     return errors
+
+
+def box_centre(box):
+    """(2,) centre of an x1, y1, x2, y2 box."""
+    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+
+
+def anchor_centre(d):
+    """(2,) the 2D point a decoded tuple names: its anchor (u, v), or its 2D box's centre."""
+    return (np.asarray(d.anchor[:2]) + np.asarray(d.anchor[-2:])) / 2
 
 
 def centre_summary(errors, size):
@@ -276,14 +285,12 @@ def landings(decoded, views, query, size):
     views must list every labelled object (data.GroundingDataset.build(..., every_object=True))."""
     out = []
     for v, view in enumerate(views):
-        centres = [np.array([(o.box2d[0] + o.box2d[2]) / 2, (o.box2d[1] + o.box2d[3]) / 2]) for o in view.objects]
-        for d in decoded.views[v]:
-            if d.name != query:
-                continue
-            dists = [np.linalg.norm((d.anchor[:2] + d.anchor[-2:]) / 2 - c) for c in centres]
-            j = int(np.argmin(dists)) if dists else -1
-            out.append("none" if j < 0 or dists[j] > CENTRE_HIT * size
-                       else "queried" if view.objects[j].name == query else "other")
+        for d in (d for d in decoded.views[v] if d.name == query):
+            dists = [np.linalg.norm(anchor_centre(d) - box_centre(o.box2d)) for o in view.objects]
+            if not dists or min(dists) > CENTRE_HIT * size:
+                out.append("none")
+            else:
+                out.append("queried" if view.objects[int(np.argmin(dists))].name == query else "other")
     return out
 
 
