@@ -16,8 +16,8 @@ names only), and `random`, names drawn at random.
 
 The flags change one factor at a time: one-word names or colour + category pairs, how many of each,
 the word order, which distractors training shows (shared words, random, or sharing no word at all),
-objects per view, their size, views, the decoder's key/value heads, and a curriculum (other layouts,
-fewer names, for the first steps).
+objects per view, their size, views, the decoder's key/value heads, and two curricula for the first
+steps: other layouts with fewer names, and objects of another size.
 
   python lookup_gate.py --names single --colours 3       # the three squares of RESULTS.md §2.1
   python lookup_gate.py                                    # the built-in world's names and distractors
@@ -63,7 +63,11 @@ def build_parser():
     p.add_argument("--curriculum-distractors", choices=("shared", "random", "disjoint"), default="disjoint",
                    help="the curriculum's distractors")
     p.add_argument("--objects", type=at_least(1), default=3, help="objects per view (each in its own grid column)")
-    p.add_argument("--size", type=at_least(1), default=3, help="object side in patches")
+    p.add_argument("--size", type=at_least(1), default=3, help="object side in patches (held-out layouts too)")
+    p.add_argument("--start-size", type=at_least(1), default=None,
+                   help="object side in training layouts for the first --start-size-steps steps (default: --size)")
+    p.add_argument("--start-size-steps", type=at_least(0), default=0,
+                   help="how many steps train on --start-size objects before --size ones")
     p.add_argument("--views", type=at_least(1), default=1, help="views per sample; view 0 holds the query")
     p.add_argument("--kv-heads", type=int, choices=(1, 2, 4), default=1,
                    help="the decoder's key/value heads (the tiny config and Gemma 2B: 1, multi-query)")
@@ -162,14 +166,16 @@ class Layouts:
     def pieces(self, name):
         return self.tok(" " + name, add_special_tokens=False)["input_ids"]
 
-    def sample(self, rng, distractors, vocab=None):
-        """(item, view-0 objects, query name). vocab (C, G): names of the first C colours x G categories only."""
+    def sample(self, rng, distractors, vocab=None, size=None):
+        """(item, view-0 objects, query name). vocab (C, G): names of the first C colours x G categories only;
+        size: object side in patches (default --size)."""
         a = self.args
         colours, categories = (self.colours, self.categories) if vocab is None else \
             (self.colours[:vocab[0]], self.categories[:vocab[1]])
         names = [n for n in self.names if set(n.split()) <= set(colours) | set(categories)]
         names = pick_names(rng, names, a.objects, distractors, colours, categories)
-        views = [place(rng, names if v == 0 else list(rng.permutation(names)), a.size) for v in range(a.views)]
+        side = size or a.size
+        views = [place(rng, names if v == 0 else list(rng.permutation(names)), side) for v in range(a.views)]
         index = {w: k for k, w in enumerate(self.words)}
         words, boxes = [], []
         for objects in views:
@@ -281,7 +287,8 @@ def main(argv=None):
     for step in range(1, args.steps + 1):
         early = step <= args.curriculum
         kind, vocab = (args.curriculum_distractors, curriculum_vocab) if early else (args.distractors, None)
-        out = model(collate(collator, [layouts.sample(rng, kind, vocab) for _ in range(args.batch_size)]))
+        size = args.start_size if step <= args.start_size_steps else None
+        out = model(collate(collator, [layouts.sample(rng, kind, vocab, size) for _ in range(args.batch_size)]))
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

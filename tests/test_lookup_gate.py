@@ -49,6 +49,9 @@ def test_objects_start_in_distinct_columns_and_do_not_overlap(gate):
         assert len(set(columns)) == len(objects)
         cls, _ = vlm.patch_targets(objects, lg.SIZE, lg.PATCH)
         assert [int((cls == k + 1).sum()) for k in range(len(objects))] == [9] * len(objects)  # 3 x 3 each, whole
+        _, objects, _ = layouts.sample(rng, "random", size=1)                  # the size curriculum's objects
+        cls, _ = vlm.patch_targets(objects, lg.SIZE, lg.PATCH)
+        assert [int((cls == k + 1).sum()) for k in range(len(objects))] == [1] * len(objects)
 
 
 def test_tokens_and_target_belong_to_the_queried_object(gate):
