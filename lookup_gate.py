@@ -160,6 +160,7 @@ class Layouts:
         self.names, self.colours, self.categories = class_names(args)
         self.pose_tok = PoseTokenizer(pose_bins(), SIZE)
         self.words = sorted({i for n in self.names for i in self.pieces(n)})
+        self.word_index = {w: k for k, w in enumerate(self.words)}
         emb = model.vlm.get_input_embeddings().weight.detach()
         self.word_rows, self.background_row = emb[self.words].clone(), emb[tok.convert_tokens_to_ids("<no_object>")]
 
@@ -176,17 +177,8 @@ class Layouts:
         names = pick_names(rng, names, a.objects, distractors, colours, categories)
         side = size or a.size
         views = [place(rng, names if v == 0 else list(rng.permutation(names)), side) for v in range(a.views)]
-        index = {w: k for k, w in enumerate(self.words)}
-        words, boxes = [], []
-        for objects in views:
-            cls, box = vlm.patch_targets(objects, SIZE, PATCH)
-            bags = np.zeros((len(objects) + 1, len(self.words)), np.float32)   # row 0: background
-            for k, o in enumerate(objects):
-                bags[k + 1, [index[w] for w in self.pieces(o.name)]] = 1.0
-            words.append(bags[cls])
-            boxes.append(box)
-        tokens = vlm.ideal_tokens(self.word_rows, self.background_row, torch.from_numpy(np.stack(words)),
-                                  torch.from_numpy(np.stack(boxes)))             # (V, P, W)
+        words, boxes = vlm.word_bags(views, SIZE, PATCH, self.word_index, self.pieces)  # (V, P, nW), (V, P, 4)
+        tokens = vlm.ideal_tokens(self.word_rows, self.background_row, words, boxes)       # (V, P, W)
         V, query = a.views, names[0]
         item = {"images": np.zeros((V, 3, SIZE, SIZE), np.float32), "view_mask": np.ones(V, bool),
                 "rays": np.zeros((V, 3, SIZE, SIZE), np.float32), "has_rays": np.zeros(V, bool),
@@ -215,6 +207,7 @@ def identified(x, objects, query):
 @torch.no_grad()
 def identification(model, collator, samples, loc_ids):
     """(share identified, median |x - x1| in px) of the teacher-forced most likely first <loc>."""
+    is_loc = set(loc_ids)
     model.eval()
     hits, errors = [], []
     for i in range(0, len(samples), 16):
@@ -223,7 +216,7 @@ def identification(model, collator, samples, loc_ids):
         h, _, p_valid = model.joint_forward(batch)
         logits = model.label_logits(h, p_valid)                                 # (B, Tl, V)
         for j, (_, objects, query) in enumerate(chunk):
-            k = next(t for t, i in enumerate(batch["label_ids"][j].tolist()) if i in loc_ids)  # the first <loc>
+            k = next(t for t, label in enumerate(batch["label_ids"][j].tolist()) if label in is_loc)  # first <loc>
             x = (int(logits[j, k, loc_ids].argmax()) + 0.5) * SIZE / len(loc_ids)
             hits.append(identified(x, objects, query))
             errors.append(abs(x - objects[[o.name for o in objects].index(query)].box2d[0]))

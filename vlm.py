@@ -130,15 +130,22 @@ class VisionTargets(torch.utils.data.Dataset):
     def labels(self, views):
         """(word bags (V, P, nW), boxes (V, P, 4)) of views that list every object
         (GroundingDataset.build(..., every_object=True))."""
-        words, boxes = [], []
-        for v in views:
-            cls, box = patch_targets(v.objects, self.ground.size, self.patch)
-            bags = np.zeros((len(v.objects) + 1, len(self.words)), np.float32)  # row 0: background
-            for k, obj in enumerate(v.objects):
-                bags[k + 1, [self.word_index[w] for w in self.pieces(obj.name) if w in self.word_index]] = 1.0
-            words.append(bags[cls])
-            boxes.append(box)
-        return torch.from_numpy(np.stack(words)), torch.from_numpy(np.stack(boxes))
+        return word_bags([v.objects for v in views], self.ground.size, self.patch, self.word_index, self.pieces)
+
+
+def word_bags(object_lists, size, patch, word_index, pieces):
+    """Per view (a list of ObjectPose) and patch (patch_targets), the bag of the covering object's name
+    pieces (those in word_index, in its order) and that object's box: (V, P, nW) and (V, P, 4) tensors.
+    pieces: name -> its text token ids."""
+    words, boxes = [], []
+    for objects in object_lists:
+        cls, box = patch_targets(objects, size, patch)
+        bags = np.zeros((len(objects) + 1, len(word_index)), np.float32)        # row 0: background
+        for k, obj in enumerate(objects):
+            bags[k + 1, [word_index[w] for w in pieces(obj.name) if w in word_index]] = 1.0
+        words.append(bags[cls])
+        boxes.append(box)
+    return torch.from_numpy(np.stack(words)), torch.from_numpy(np.stack(boxes))
 
 
 def ideal_tokens(word_rows, background_row, words, box):
